@@ -1,0 +1,1 @@
+"""Benchmark readers, download/preparation, and the generated demo set."""

@@ -1,0 +1,156 @@
+"""Load a dataset's ground truth from its settings, whatever the benchmark format.
+
+``load_ground_truth(settings)`` dispatches on ``gt_format`` and returns the common
+:class:`~datasets.common.GroundTruth`; ``image_path`` maps an image id to its file
+(distractor ids, prefixed ``distractors/``, live under ``path_distractors``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from datasets.common import GroundTruth, Query, find_image, list_images
+from lib.errors import UserError
+
+DISTRACTOR_PREFIX = "distractors/"
+
+# gt_format -> reader(path_gt, path_images, name) -> GroundTruth. Other modules register
+# their readers here (datasets/oxford_paris.py, datasets/revisited.py, datasets/trecvid.py).
+READERS: dict[str, Callable[[Path, Path, str], GroundTruth]] = {}
+
+
+def register(fmt: str):
+    def deco(fn):
+        READERS[fmt] = fn
+        return fn
+
+    return deco
+
+
+def _import_readers() -> None:
+    # imported lazily so that a reader module with a missing optional piece does not
+    # break the others
+    import importlib
+
+    for mod in ("datasets.oxford_paris", "datasets.revisited", "datasets.trecvid"):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+
+
+def load_ground_truth(settings: Mapping[str, Any]) -> GroundTruth:
+    """The ground truth named by ``settings`` (gt_format, path_gt, path_images,
+    path_distractors). Distractor ids are appended to ``db_ids`` after the dataset's own."""
+    fmt = settings["gt_format"]
+    if fmt not in READERS:
+        _import_readers()
+    if fmt not in READERS:
+        raise UserError(f"gt_format '{fmt}': no reader available")
+    gt = READERS[fmt](Path(settings["path_gt"]), Path(settings["path_images"]),
+                      str(settings["dataset"]))
+    if settings.get("path_distractors"):
+        extra = list_images(Path(settings["path_distractors"]), prefix=DISTRACTOR_PREFIX)
+        gt.db_ids = gt.db_ids + extra
+    return gt
+
+
+def image_path(settings: Mapping[str, Any], image_id: str, query: bool = False) -> Path:
+    """File of a database image (or, with ``query``, of a query image)."""
+    if image_id.startswith(DISTRACTOR_PREFIX) and settings.get("path_distractors"):
+        return find_image(Path(settings["path_distractors"]), image_id[len(DISTRACTOR_PREFIX):])
+    root = (settings["path_queries"] or settings["path_images"]) if query else \
+        settings["path_images"]
+    return find_image(Path(root), image_id)
+
+
+# --------------------------------------------------------------------------- generic JSON
+
+
+def _bbox(v: Any, where: str) -> tuple[float, float, float, float] | None:
+    if v is None:
+        return None
+    try:
+        x1, y1, x2, y2 = (float(x) for x in v)
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: bbx must be [x1, y1, x2, y2], got {v!r}") from None
+    if not (x2 > x1 and y2 > y1):
+        raise UserError(f"{where}: bbx {list(v)} has zero or negative area")
+    return x1, y1, x2, y2
+
+
+def read_revisited_layout(data: Mapping[str, Any], name: str, source: Path,
+                          protocol: str) -> GroundTruth:
+    """The revisited layout (``imlist``, ``qimlist``, ``gnd[i]`` with ``bbx`` and
+    either ``ok``/``junk`` or ``easy``/``hard``/``junk``; 0-based indices into imlist)."""
+    try:
+        imlist = [str(x) for x in data["imlist"]]
+        qimlist = [str(x) for x in data["qimlist"]]
+        gnd = list(data["gnd"])
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{source}: missing or malformed field {e}") from None
+    if len(gnd) != len(qimlist):
+        raise UserError(f"{source}: {len(qimlist)} queries in qimlist but {len(gnd)} in gnd")
+    n = len(imlist)
+
+    def ids(g: Mapping[str, Any], key: str, i: int) -> frozenset[str]:
+        vals = g.get(key)
+        if vals is None:
+            return frozenset()
+        out = []
+        for v in list(vals):
+            j = int(v)
+            if not 0 <= j < n:
+                raise UserError(f"{source}: query {i} ({qimlist[i]}): '{key}' index {j} "
+                                f"outside imlist (size {n})")
+            out.append(imlist[j])
+        return frozenset(out)
+
+    queries = []
+    for i, (qname, g) in enumerate(zip(qimlist, gnd)):
+        if not isinstance(g, Mapping):
+            raise UserError(f"{source}: gnd[{i}] is not an object")
+        where = f"{source}: query {i} ({qname})"
+        box = _bbox(g.get("bbx"), where)
+        if "easy" in g or "hard" in g:
+            easy, hard, junk = ids(g, "easy", i), ids(g, "hard", i), ids(g, "junk", i)
+            # plain evaluation of a revisited query = the Medium protocol
+            queries.append(Query(qname, qname, box, easy | hard, junk, easy=easy, hard=hard))
+        else:
+            queries.append(Query(qname, qname, box, ids(g, "ok", i), ids(g, "junk", i)))
+    return GroundTruth(name, protocol, imlist, queries)
+
+
+@register("generic")
+def read_generic_json(path_gt: Path, path_images: Path, name: str) -> GroundTruth:
+    """A JSON file in the revisited layout (see ``../shared/data/smvs_dvd/gnd_*.json``)."""
+    if path_gt.is_dir():
+        raise UserError(f"{path_gt}: gt_format 'generic' expects a JSON file, not a folder")
+    try:
+        data = json.loads(path_gt.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path_gt}: cannot read ground-truth JSON ({e})") from None
+    gt = read_revisited_layout(data, name, path_gt, "generic")
+    if any(q.easy is not None for q in gt.queries):
+        gt.protocol = "revisited"
+    return gt
+
+
+def check_images_exist(gt: GroundTruth, settings: Mapping[str, Any]) -> list[str]:
+    """Ids listed in the ground truth whose file is missing (for a clear early error)."""
+    missing = []
+    for i in gt.db_ids:
+        try:
+            image_path(settings, i)
+        except UserError:
+            missing.append(i)
+    return missing
+
+
+__all__ = ["DISTRACTOR_PREFIX", "READERS", "check_images_exist", "image_path",
+           "list_images", "load_ground_truth", "read_generic_json", "read_revisited_layout",
+           "register"]

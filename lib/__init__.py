@@ -1,0 +1,1 @@
+"""BLCF library: the logic behind the numbered scripts in ``bow_pipeline/``."""

