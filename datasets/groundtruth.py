@@ -51,8 +51,12 @@ def load_ground_truth(settings: Mapping[str, Any]) -> GroundTruth:
         _import_readers()
     if fmt not in READERS:
         raise UserError(f"gt_format '{fmt}': no reader available")
-    gt = READERS[fmt](Path(settings["path_gt"]), Path(settings["path_images"]),
-                      str(settings["dataset"]))
+    args = (Path(settings["path_gt"]), Path(settings["path_images"]), str(settings["dataset"]))
+    if fmt == "trecvid" and settings.get("path_queries"):
+        # TRECVid queries (images + masks) live apart from the keyframes
+        gt = READERS[fmt](*args, path_queries=Path(settings["path_queries"]))
+    else:
+        gt = READERS[fmt](*args)
     if settings.get("path_distractors"):
         extra = list_images(Path(settings["path_distractors"]), prefix=DISTRACTOR_PREFIX)
         gt.db_ids = gt.db_ids + extra
