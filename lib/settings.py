@@ -154,6 +154,22 @@ SCHEMA: tuple[Key, ...] = (
     Key("gem_p", "float", 3.0, "GeM exponent", "D"),
     Key("pooling_pca", "bool", True, "D_rankings_Pooling: PCA-whiten pooled vectors (fit on "
         "the database)", "D"),
+    # ---- optional step T (T_train_triplet) and R-MAC
+    Key("rmac_levels", "int", 3, "R-MAC scales L (pooling = rmac and the triplet head)", "D"),
+    Key("train_json", "path", None, "T: training list {root, images: [{path, class}]}", "-",
+        nullable=True, must_exist=True),
+    Key("train_layer", "str", None, "T: layer the R-MAC head pools (default: last of "
+        "layers)", "-", nullable=True),
+    Key("train_checkpoint", "path", None, "T: checkpoint written and resumed (default "
+        "<path_models>/triplet.pt); use it as weights_file with weights = file", "-",
+        nullable=True),
+    Key("epochs", "int", 5, "T: training epochs (total, a resumed run continues)", "-"),
+    Key("margin", "float", 0.1, "T: triplet ranking loss margin", "-"),
+    Key("lr", "float", 1e-5, "T: Adam learning rate", "-"),
+    Key("batch_triplets", "int", 8, "T: triplets per optimiser step", "-"),
+    Key("neg_pool", "int", 5, "T: the negative is drawn among this many hardest", "-"),
+    Key("train_dim", "int", 512, "T: R-MAC head output dimension (capped at the channels)",
+        "-"),
     # ---- step E
     Key("report", "bool", True, "write the visual HTML report in <path_output>/report", "E"),
     Key("report_top_k", "int", 10, "results shown per query in the report", "E"),

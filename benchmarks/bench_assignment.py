@@ -1,0 +1,144 @@
+"""Benchmark: word assignment throughput (local features / s) against a K-word codebook,
+exact (FAISS brute force) vs approximate (HNSW over the centroids), and the agreement of
+the approximate words with the exact ones.
+
+The approximate mode's efSearch is tuned the way step C tunes it (``Codebook.tune`` on a
+separate sample, target 97 % agreement); the table then shows the whole speed/agreement
+curve. Exact and approximate timings alternate (``--repeats`` rotations); medians and
+ratios are printed.
+
+Data: synthetic clustered L2-PCA-L2 features by default (``bench_kmeans.
+synthetic_features``; the codebook = K random training features + ``--lloyd`` exact
+Lloyd iterations), or real ones from a feature store (``--store``: PCA-whitening and
+codebook fitted on half of its images, queries from the other half).
+
+    .venv/bin/python benchmarks/bench_assignment.py
+    .venv/bin/python benchmarks/bench_assignment.py --store RUN/features/X.lmdb --kmeans-iters 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_kmeans import synthetic_features
+
+from lib.codebook import EF_LADDER, Codebook, build_hnsw, train_kmeans
+
+
+def real_data(store_path: Path, new_dim: list[int] | None, n_train: int, n_query: int,
+              pca_dim: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(training, query, tuning) L2-PCA-L2 features from a feature store: training
+    features (native maps, as step B reads them) from one half of the images, query and
+    tuning features (maps upsampled to ``new_dim`` when given, as step C reads them)
+    from the other half. PCA-whitening fitted on the training features."""
+    from lib.feature_store import FeatureStore
+    from lib.local_features import LocalFeatureReader
+    from lib.pca import PCAWhitening
+
+    store = FeatureStore(store_path)
+    ids = store.ids()
+    order = np.random.default_rng(seed).permutation(len(ids))
+    half = len(ids) // 2
+
+    def read(reader: LocalFeatureReader, picks: np.ndarray, n: int) -> np.ndarray:
+        rows, total = [], 0
+        for i in picks:
+            rows.append(np.asarray(reader.features(ids[i]), np.float32))
+            total += len(rows[-1])
+            if total >= n:
+                break
+        return np.concatenate(rows)[:n]
+
+    train = read(LocalFeatureReader(store, None, l2norm=True), order[:half], n_train)
+    pca = PCAWhitening.fit(train, min(pca_dim, train.shape[1]), whiten=True)
+    l2 = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # noqa: E731
+    test = read(LocalFeatureReader(store, new_dim, l2norm=True), order[half:],
+                n_query + 5000)
+    return l2(pca.transform(train)), l2(pca.transform(test[:n_query])), \
+        l2(pca.transform(test[n_query:]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--k", type=int, default=25000, help="words (synthetic codebook)")
+    ap.add_argument("--n", type=int, default=20000, help="query features timed")
+    ap.add_argument("--lloyd", type=int, default=0, help="exact Lloyd iterations to refine "
+                    "the synthetic codebook (0 = random training features, k-means init)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--target", type=float, default=0.97)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--store", type=Path, default=None, help="real feature store (LMDB)")
+    ap.add_argument("--n-train", type=int, default=200000, help="with --store: training "
+                    "features for the PCA and the codebook")
+    ap.add_argument("--pca-dim", type=int, default=512, help="with --store")
+    ap.add_argument("--kmeans-iters", type=int, default=0, help="with --store: approximate "
+                    "k-means iterations from the random init (0 = random training features)")
+    ap.add_argument("--new-dim", type=int, nargs=2, default=None,
+                    help="with --store: upsample query maps to this portrait H W")
+    a = ap.parse_args()
+
+    if a.store is not None:
+        train, q, tune = real_data(a.store, a.new_dim, a.n_train, a.n, a.pca_dim, a.seed)
+        rng = np.random.default_rng(a.seed)
+        cents = train[np.sort(rng.choice(len(train), a.k, replace=False))]
+        if a.kmeans_iters:
+            cents = train_kmeans(train, a.k, a.kmeans_iters, a.seed, "approximate")
+        source = (f"real L2-PCA-L2 features from {a.store} (PCA to {train.shape[1]}-D on "
+                  f"{len(train)} training features), codebook = {a.k} training features + "
+                  f"{a.kmeans_iters} approximate k-means iterations")
+    else:
+        train, pca = synthetic_features(max(a.k * 2, 50000), seed=a.seed)
+        rng = np.random.default_rng(a.seed)
+        cents = train[np.sort(rng.choice(len(train), a.k, replace=False))]
+        if a.lloyd:
+            cents = train_kmeans(train, a.k, a.lloyd, a.seed, "exact", "cpu")
+        q, _ = synthetic_features(a.n, seed=a.seed + 1, pca=pca)
+        tune, _ = synthetic_features(5000, seed=a.seed + 2, pca=pca)
+        source = (f"synthetic clustered L2-PCA-L2 features, codebook = {a.k} training "
+                  f"features + {a.lloyd} Lloyd iterations")
+    k, dim = cents.shape
+    print(f"data: {source}; K={k}, D={dim}, {len(q)} query features")
+
+    exact = Codebook(cents, "exact")
+    approx = Codebook(cents, "approximate")
+    t = time.perf_counter()
+    approx._hnsw = build_hnsw(approx.centroids)
+    print(f"HNSW build (1 thread): {time.perf_counter() - t:.1f} s")
+    agree_tune = approx.tune(tune, a.target)
+    ef = approx.ef_search
+    ref = exact.assign(q)
+
+    te, ta = [], []
+    for _ in range(a.repeats):
+        t = time.perf_counter()
+        exact.assign(q)
+        te.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        w = approx.assign(q)
+        ta.append(time.perf_counter() - t)
+    agree = float(np.mean(w == ref))
+    re, ra = len(q) / statistics.median(te), len(q) / statistics.median(ta)
+    print(f"exact:       {re:10.0f} features/s")
+    print(f"approximate: {ra:10.0f} features/s (efSearch {ef}, tuned to {agree_tune:.4f} on "
+          f"the tuning sample), agreement {agree:.4f}, speed-up x{ra / re:.2f}")
+    print(f"{'efSearch':>8s} {'features/s':>11s} {'x exact':>8s} {'agreement':>10s}")
+    for e in EF_LADDER[:9]:
+        approx.ef_search = e
+        t = time.perf_counter()
+        w = approx.assign(q)
+        r = len(q) / (time.perf_counter() - t)
+        print(f"{e:8d} {r:11.0f} {r / re:8.2f} {np.mean(w == ref):10.4f}")
+
+
+if __name__ == "__main__":
+    main()

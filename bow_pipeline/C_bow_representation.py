@@ -1,0 +1,200 @@
+"""Step C: assignment maps and the inverted file of the database.
+
+Inputs: step A's feature store, step B's models (path_models: pca.npz, codebook.npy),
+the ground truth (for the database order). Every artefact's metadata is checked against
+the settings first (network, layers, input size, ..., pca_dim, n_centers); a mismatch
+stops with the field named.
+
+Work: for each database image, its maps upsampled to ``new_dim`` (bilinear, aligned
+corners) -> local features L2 -> PCA-whitening -> L2 -> nearest word, exact or
+approximate (``assignment``; the approximate HNSW search is tuned on a sample to agree
+with exact search on >= 97 % of features). Resumable: images already in the assignment
+store are skipped; each batch is one transaction. Then one BoW vector per image
+(``weighting``: centre prior or counts, L2-normalised; ``idf`` optional) goes into the
+inverted file, in database order.
+
+Outputs (path_output):
+  assignments.lmdb/   word map (H x W, uint16 for K <= 65,536) + original size per image id
+  index/              inverted file (see lib/inverted_file.py and the README)
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import logging
+import shutil
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from lib.artefacts import check_fields, library_versions, output_lock
+from lib.assignment_store import AssignmentStore
+from lib.bow import SparseVec
+from lib.cli import load_from_args, make_parser, run_main, setup_logging
+from lib.codebook import Codebook
+from lib.encoding import database_vector, word_dtype
+from lib.errors import ArtefactMismatchError, UserError
+from lib.models import check_provenance, expected_provenance, load_models
+
+log = logging.getLogger("blcf.C")
+BATCH_IMAGES = 32  # images per assignment call and per LMDB transaction
+TUNE_FEATURES = 4000  # features used to tune (and report) approximate agreement
+RESUME_FIELDS = ("provenance", "new_dim", "l2norm", "pca_hash", "codebook_hash",
+                 "n_centers", "assignment")
+
+
+def _features(reader: Any, sizes: dict[str, tuple[int, int]], image_id: str
+              ) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+    """(L2-PCA-L2 features (H*W, d), map (H, W), original (H0, W0)) of one image."""
+    feats, hw = reader.features_and_shape(image_id)
+    h0, w0 = sizes[image_id]
+    return np.asarray(feats, np.float32), (int(hw[0]), int(hw[1])), (int(h0), int(w0))
+
+
+def tune_sample(reader: Any, sizes: dict[str, tuple[int, int]], ids: list[str],
+                seed: int) -> np.ndarray:
+    """A fixed sample of features (the first database images, seeded rows), so that a
+    resumed run tunes the approximate search exactly as the first run did."""
+    rows, total = [], 0
+    for i in ids[:16]:
+        f = _features(reader, sizes, i)[0]
+        rows.append(f)
+        total += len(f)
+        if total >= 4 * TUNE_FEATURES:
+            break
+    if not rows:
+        return np.zeros((0, 1), np.float32)
+    x = np.concatenate(rows)
+    rng = np.random.default_rng(seed)
+    return x[np.sort(rng.choice(len(x), min(TUNE_FEATURES, len(x)), replace=False))]
+
+
+def open_assignments(path: Path, expected: dict[str, Any]) -> AssignmentStore:
+    """The assignment store, resumed when it was made with the same inputs; rebuilt (with
+    a warning naming the field) when the models or reader settings changed."""
+    if (path / "data.mdb").exists():
+        st = AssignmentStore(path, readonly=False)
+        try:
+            check_fields(expected, st.meta, RESUME_FIELDS, str(path))
+        except ArtefactMismatchError as e:
+            log.warning("%s; rebuilding the assignment store", e)
+            st.close()
+            shutil.rmtree(path)
+        else:
+            return st
+    return AssignmentStore.create(path, expected)
+
+
+def assign_all(todo: list[str], reader: Any, sizes: dict[str, tuple[int, int]],
+               cb: Codebook, out: AssignmentStore) -> int:
+    """Assign ``todo`` in batches (one codebook call and one transaction per batch)."""
+    dt = word_dtype(cb.k)
+    done = 0
+    with tqdm(total=len(todo), desc="assigning", unit="img", mininterval=2.0,
+              disable=None) as bar:
+        for s in range(0, len(todo), BATCH_IMAGES):
+            batch = [(i, *_features(reader, sizes, i)) for i in todo[s:s + BATCH_IMAGES]]
+            words = cb.assign(np.concatenate([b[1] for b in batch]))
+            records, o = [], 0
+            for image_id, feats, hw, orig in batch:
+                n = hw[0] * hw[1]
+                if len(feats) != n:
+                    raise UserError(f"image '{image_id}': {len(feats)} local features for a "
+                                    f"{hw[0]}x{hw[1]} map")
+                records.append((image_id, words[o:o + n].reshape(hw).astype(dt), orig))
+                o += n
+            out.put_many(records)
+            done += len(batch)
+            bar.update(len(batch))
+    return done
+
+
+def main() -> None:
+    p = make_parser("C_bow_representation.py", __doc__ or "")
+    args = p.parse_args()
+    setup_logging(args.verbose, args.quiet)
+
+    def body() -> int:
+        from datasets.groundtruth import load_ground_truth
+        from lib.feature_store import FeatureStore
+        from lib.inverted_file import InvertedFile
+        from lib.local_features import LocalFeatureReader
+
+        s = load_from_args(args)
+        t0 = time.perf_counter()
+        prov = expected_provenance(s)
+        pca, cb = load_models(s)
+        fpath = FeatureStore.path_for(s)
+        store = FeatureStore(fpath) if Path(fpath).exists() else None
+        if store is not None:
+            check_provenance(prov, store.meta, str(fpath), "rerun step A with these settings")
+        db_ids = load_ground_truth(s).db_ids
+        out_dir = Path(s.path_output)
+        apath = AssignmentStore.path_for(s)
+        expected = {
+            "provenance": prov, "new_dim": list(s.new_dim) if s.new_dim else None,
+            "l2norm": s.l2norm, "pca_hash": pca.content_hash(),
+            "codebook_hash": cb.content_hash(), "n_centers": cb.k, "assignment": s.assignment,
+        }
+        with output_lock(out_dir, "C"):
+            asg = open_assignments(apath, {**expected, **_extra_meta(s)})
+            try:
+                sizes = store.sizes() if store is not None else {}
+                todo = [i for i in db_ids if i not in asg]
+                missing = [i for i in todo if i not in sizes]
+                if missing:
+                    log.warning("%d database images have neither features nor an assignment "
+                                "map (unreadable in step A?) and are left out, e.g. %s",
+                                len(missing), ", ".join(missing[:5]))
+                todo = [i for i in todo if i in sizes]
+                reader = None
+                if todo:
+                    if store is None:
+                        raise UserError(f"{fpath}: feature store not found; run step A")
+                    reader = LocalFeatureReader(store, list(s.new_dim) if s.new_dim else None,
+                                                l2norm=s.l2norm, pca=pca)
+                if s.assignment == "approximate":
+                    if "ef_search" in asg.meta:
+                        cb.ef_search = int(asg.meta["ef_search"])
+                    elif reader is not None:
+                        agree = cb.tune(tune_sample(reader, sizes, [i for i in db_ids
+                                                                    if i in sizes], s.seed))
+                        asg.set_meta({**asg.meta, "ef_search": cb.ef_search,
+                                      "tuned_agreement": agree})
+                n_new = assign_all(todo, reader, sizes, cb, asg) if todo else 0
+                present = [i for i in db_ids if i in asg]
+                asg.set_meta({**asg.meta, "count": len(asg)})
+
+                def vectors() -> Iterator[SparseVec]:
+                    for i in present:
+                        yield database_vector(asg.get(i)[0], s.weighting, cb.k)
+
+                meta = {**expected, "weighting": s.weighting, "idf": s.idf,
+                        "n_missing": len(missing), **_extra_meta(s)}
+                inv = InvertedFile.build(out_dir / "index", vectors(), cb.k, present, meta,
+                                         idf=s.idf)
+            finally:
+                asg.close()
+        print(f"C: {n_new} images assigned ({len(present) - n_new} already stored, "
+              f"{len(missing)} missing), {s.assignment} assignment, {cb.k} words -> "
+              f"{apath}; inverted file of {inv.n_docs} images -> {out_dir / 'index'} in "
+              f"{time.perf_counter() - t0:.1f} s")
+        return 0
+
+    run_main(body, "C")
+
+
+def _extra_meta(s: Any) -> dict[str, Any]:
+    return {"dataset": s.dataset, "settings_hash": s.step_hash("C"),
+            "versions": library_versions()}
+
+
+if __name__ == "__main__":
+    main()

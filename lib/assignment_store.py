@@ -1,0 +1,156 @@
+"""LMDB store of assignment maps (step C writes it; D re-ranks and E reports from it).
+
+Why LMDB: one memory-mapped file with transactional batch writes, so step C resumes
+after a crash exactly where it stopped, and random access by image id is cheap for
+re-ranking. The original kept an int32 LevelDB value without its shape; here the value
+carries its shape and the original image size.
+
+Layout: key = image id (UTF-8). Value = 24-byte little-endian header
+``<4s B 3x I I I I>``: magic ``ASG1``, dtype code (1 = uint16, 2 = uint32), map height H,
+map width W, original image height H0 and width W0 (after EXIF orientation), followed by
+the H x W word map, row-major, in that dtype (uint16 when K <= 65,536). The reserved key
+``__meta__`` holds the JSON metadata (feature provenance, PCA and codebook hashes,
+new_dim, assignment mode, count).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import numpy as np
+
+from lib.errors import UserError
+
+MAGIC = b"ASG1"
+HEADER = struct.Struct("<4sB3xIIII")
+META_KEY = b"__meta__"
+_CODES = {1: np.dtype("<u2"), 2: np.dtype("<u4")}
+_DTYPE_CODE = {np.dtype("<u2"): 1, np.dtype("<u4"): 2}
+MAP_SIZE = 1 << 40  # virtual address space only; the file grows with the data
+
+
+def encode(words: np.ndarray, orig_hw: tuple[int, int]) -> bytes:
+    """Header + row-major map; words must already fit their dtype (uint16/uint32)."""
+    w = np.asarray(words)
+    if w.ndim != 2:
+        raise ValueError(f"assignment map must be (H, W), got shape {w.shape}")
+    if w.dtype.kind == "u" and w.dtype.itemsize in (2, 4):
+        dt = w.dtype.newbyteorder("<")  # the caller chose it from K (encoding.word_dtype)
+    else:
+        if w.size and int(w.min()) < 0:
+            raise ValueError("word ids must be >= 0")
+        dt = np.dtype("<u2") if w.size == 0 or int(w.max()) < 65536 else np.dtype("<u4")
+    return HEADER.pack(MAGIC, _DTYPE_CODE[dt], w.shape[0], w.shape[1], int(orig_hw[0]),
+                       int(orig_hw[1])) + np.ascontiguousarray(w, dt).tobytes()
+
+
+def decode(buf: bytes | memoryview, what: str) -> tuple[np.ndarray, tuple[int, int]]:
+    if len(buf) < HEADER.size:
+        raise UserError(f"{what}: truncated assignment record")
+    magic, code, h, w, h0, w0 = HEADER.unpack_from(buf)
+    if magic != MAGIC or code not in _CODES:
+        raise UserError(f"{what}: not an assignment record (magic {magic!r}, dtype {code})")
+    dt = _CODES[code]
+    if len(buf) != HEADER.size + h * w * dt.itemsize:
+        raise UserError(f"{what}: assignment record has {len(buf)} bytes, expected "
+                        f"{HEADER.size + h * w * dt.itemsize}")
+    words = np.frombuffer(buf, dt, count=h * w, offset=HEADER.size).reshape(h, w)
+    return words.astype(dt.newbyteorder("="), copy=True), (int(h0), int(w0))
+
+
+class AssignmentStore:
+    """Assignment maps keyed by image id. Open read-only by default; ``create`` (or
+    ``readonly=False``) for writing. Use as a context manager."""
+
+    def __init__(self, path: Path, readonly: bool = True) -> None:
+        self.path = Path(path)
+        self.readonly = readonly
+        if readonly and not (self.path / "data.mdb").exists():
+            raise UserError(f"{self.path}: assignment store not found (run step C)")
+        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.env = lmdb.open(str(self.path), map_size=MAP_SIZE, readonly=readonly,
+                                 lock=not readonly, subdir=True, max_dbs=0, readahead=False)
+        except lmdb.Error as e:
+            raise UserError(f"{self.path}: cannot open assignment store ({e})") from None
+        with self.env.begin() as txn:
+            raw = txn.get(META_KEY)
+        try:
+            self.meta: dict[str, Any] = json.loads(bytes(raw).decode("utf-8")) if raw else {}
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise UserError(f"{self.path}: corrupt __meta__ record") from None
+
+    @staticmethod
+    def path_for(settings: Any) -> Path:
+        return Path(settings["path_output"]) / "assignments.lmdb"
+
+    @classmethod
+    def create(cls, path: Path, meta: dict[str, Any]) -> AssignmentStore:
+        """Open for writing (creating the store if needed) and set its metadata."""
+        store = cls(path, readonly=False)
+        store.set_meta(meta)
+        return store
+
+    def set_meta(self, meta: dict[str, Any]) -> None:
+        self._writable()
+        blob = json.dumps(meta, sort_keys=True).encode("utf-8")
+        with self.env.begin(write=True) as txn:
+            txn.put(META_KEY, blob)
+        self.meta = dict(meta)
+
+    def _writable(self) -> None:
+        if self.readonly:
+            raise RuntimeError(f"{self.path}: opened read-only")
+
+    def put_many(self, records: list[tuple[str, np.ndarray, tuple[int, int]]]) -> None:
+        """Write (image id, words (H, W), (H0, W0)) records in one transaction."""
+        self._writable()
+        values = [(i.encode("utf-8"), encode(w, hw)) for i, w, hw in records]
+        if any(k == META_KEY for k, _ in values):
+            raise UserError(f"image id '{META_KEY.decode()}' is reserved")
+        with self.env.begin(write=True) as txn:
+            for k, v in values:
+                txn.put(k, v)
+
+    def get(self, image_id: str) -> tuple[np.ndarray, tuple[int, int]]:
+        """(words (H, W), original size (H0, W0)) of one image."""
+        with self.env.begin(buffers=True) as txn:
+            buf = txn.get(image_id.encode("utf-8"))
+            if buf is None or image_id.encode("utf-8") == META_KEY:
+                raise UserError(f"image '{image_id}' is not in the assignment store "
+                                f"{self.path} (rerun step C)")
+            return decode(buf, f"{self.path} image '{image_id}'")
+
+    def __contains__(self, image_id: object) -> bool:
+        if not isinstance(image_id, str) or image_id.encode("utf-8") == META_KEY:
+            return False
+        with self.env.begin() as txn:
+            return txn.get(image_id.encode("utf-8"), default=None) is not None
+
+    def ids(self) -> list[str]:
+        """Stored image ids in key (byte) order."""
+        with self.env.begin() as txn:
+            return [k.decode("utf-8") for k in txn.cursor().iternext(values=False)
+                    if k != META_KEY]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.ids())
+
+    def __len__(self) -> int:
+        n = self.env.stat()["entries"]
+        with self.env.begin() as txn:
+            return n - (txn.get(META_KEY) is not None)
+
+    def close(self) -> None:
+        self.env.close()
+
+    def __enter__(self) -> AssignmentStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,418 @@
+"""The visual vocabulary: k-means training and nearest-word assignment.
+
+Why our own Lloyd loop around FAISS instead of ``faiss.Kmeans``: one loop serves the
+three assignment back-ends (FAISS brute force on the CPU, a torch matrix product on
+CUDA, an HNSW graph over the centroids for the approximate mode that stands in for the
+original's VLFeat ANN k-means), reports progress with an ETA, and updates the centroids
+deterministically (sorted segment sums accumulated in float64), so a fixed seed gives
+the same codebook bit for bit on the CPU. Initialisation is FAISS's and VLFeat's
+``random``: ``k`` distinct training points drawn with the seed. Empty clusters are
+re-seeded by splitting the largest one (FAISS's rule, made deterministic).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+from tqdm import tqdm
+
+from lib.artefacts import load_npy, read_json, save_npy_atomic, write_json_atomic
+from lib.errors import UserError
+
+log = logging.getLogger(__name__)
+
+MODES = ("exact", "approximate")
+_CHUNK = 32768  # query rows per assignment call (bounds the distance block)
+_SPLIT_EPS = 1.0 / 1024.0  # relative perturbation when splitting a cluster (as FAISS)
+
+# HNSW over the centroids: graph degree, build effort, search effort used in k-means
+# (VLFeat's ANN k-means tolerated rough assignments too) and the default for
+# Codebook.assign before tune() picks one for the data at hand.
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 40
+KMEANS_HNSW_M = 16
+KMEANS_EF_SEARCH = 16
+DEFAULT_EF_SEARCH = 64
+EF_LADDER = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024)
+
+Assigner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # x -> (word, sq. dist)
+
+
+def sidecar(path: Path) -> Path:
+    return Path(path).with_suffix(".json")
+
+
+@contextlib.contextmanager
+def _faiss_threads(n: int) -> Iterator[None]:
+    old = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(old)
+
+
+def build_hnsw(centroids: np.ndarray, m: int = HNSW_M,
+               ef_construction: int = HNSW_EF_CONSTRUCTION) -> faiss.IndexHNSWFlat:
+    """HNSW graph over the centroids. Built on one thread: FAISS's parallel insertion
+    order varies between runs, which would make approximate assignments (and so a
+    resumed step C) differ from run to run."""
+    idx = faiss.IndexHNSWFlat(centroids.shape[1], m)
+    idx.hnsw.efConstruction = ef_construction
+    with _faiss_threads(1):
+        idx.add(np.ascontiguousarray(centroids, np.float32))
+    return idx
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is usable (FAISS GPU or torch CUDA), else ``cpu``."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"device '{device}': expected auto, cpu or cuda")
+    has_cuda = _faiss_gpus() > 0 or _torch_cuda()
+    if device == "cuda" and not has_cuda:
+        raise UserError("settings key 'device' is 'cuda' but no CUDA GPU is usable here")
+    return "cuda" if device == "cuda" or (device == "auto" and has_cuda) else "cpu"
+
+
+def _faiss_gpus() -> int:
+    try:
+        return int(faiss.get_num_gpus())
+    except AttributeError:
+        return 0
+
+
+def _torch_cuda() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # pragma: no cover - torch missing or broken driver
+        return False
+
+
+# --------------------------------------------------------------------------- assigners
+
+
+def _chunked(search: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+             x: np.ndarray, bar: tqdm | None = None) -> tuple[np.ndarray, np.ndarray]:
+    n = x.shape[0]
+    words = np.empty(n, np.int64)
+    dist = np.empty(n, np.float32)
+    for s in range(0, n, _CHUNK):
+        d, i = search(np.ascontiguousarray(x[s:s + _CHUNK], np.float32))
+        words[s:s + len(i)], dist[s:s + len(i)] = i, d
+        if bar is not None:
+            bar.update(len(i))
+    return words, dist
+
+
+def _faiss_search(index: faiss.Index) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    def search(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        d, i = index.search(q, 1)
+        return d[:, 0], i[:, 0]
+
+    return search
+
+
+def _torch_search(centroids: np.ndarray, tf32: bool) -> Callable[[np.ndarray],
+                                                                 tuple[np.ndarray, np.ndarray]]:
+    """Brute force on CUDA: ||c||^2 - 2 x.c, argmin (UNTESTED here: no GPU in CI)."""
+    import torch
+
+    c = torch.from_numpy(np.ascontiguousarray(centroids, np.float32)).cuda()
+    c_sq = (c * c).sum(1)
+
+    def search(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        prev = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        try:
+            xq = torch.from_numpy(q).cuda(non_blocking=True)
+            d = c_sq[None, :] - 2.0 * (xq @ c.T)
+            dmin, imin = d.min(dim=1)
+            dmin = dmin + (xq * xq).sum(1)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = prev
+        return dmin.clamp_min_(0).cpu().numpy(), imin.cpu().numpy()
+
+    return search
+
+
+def _make_search(centroids: np.ndarray, mode: str, device: str, ef_search: int,
+                 tf32: bool = False, m: int = HNSW_M
+                 ) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    centroids = np.ascontiguousarray(centroids, np.float32)
+    if mode == "approximate":
+        idx = build_hnsw(centroids, m)
+        idx.hnsw.efSearch = ef_search
+        return _faiss_search(idx)
+    if device == "cuda":
+        if _faiss_gpus() > 0:  # pragma: no cover - needs faiss-gpu
+            res = faiss.StandardGpuResources()
+            gidx = faiss.GpuIndexFlatL2(res, centroids.shape[1])
+            gidx.add(centroids)
+            search = _faiss_search(gidx)
+            search.keepalive = (res, gidx)  # type: ignore[attr-defined]
+            return search
+        return _torch_search(centroids, tf32)  # pragma: no cover - needs CUDA
+    idx = faiss.IndexFlatL2(centroids.shape[1])
+    idx.add(centroids)
+    return _faiss_search(idx)
+
+
+# --------------------------------------------------------------------------- k-means
+
+
+def _centroid_sums(x: np.ndarray, words: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-word sums (float64) and counts, in a fixed order (sorted by word, stable)."""
+    counts = np.bincount(words, minlength=k).astype(np.int64)
+    order = np.argsort(words, kind="stable")
+    sums = np.zeros((k, x.shape[1]), np.float64)
+    for s in range(0, len(order), _CHUNK):
+        o = order[s:s + _CHUNK]
+        w = words[o]
+        starts = np.concatenate(([0], np.flatnonzero(np.diff(w)) + 1))
+        part = np.add.reduceat(np.asarray(x[o], np.float64), starts, axis=0)
+        sums[w[starts]] += part  # words within one chunk are unique per segment
+    return sums, counts
+
+
+def _keep_better_previous(x: np.ndarray, cent: np.ndarray, prev: np.ndarray,
+                          words: np.ndarray, dist: np.ndarray) -> None:
+    """VLFeat's ANN k-means rule: a point keeps its previous centre when the approximate
+    search found nothing closer (so an iteration never increases a point's distance)."""
+    for s in range(0, len(x), _CHUNK):
+        xb, pb = x[s:s + _CHUNK], prev[s:s + _CHUNK]
+        diff = xb - cent[pb]
+        d_prev = np.einsum("ij,ij->i", diff, diff)
+        better = d_prev < dist[s:s + _CHUNK]
+        words[s:s + _CHUNK][better] = pb[better]
+        dist[s:s + _CHUNK][better] = d_prev[better]
+
+
+def _split_empty(cent: np.ndarray, counts: np.ndarray) -> int:
+    """Re-seed each empty cluster from the currently largest one (in place)."""
+    empty = np.flatnonzero(counts == 0)
+    sign = np.where(np.arange(cent.shape[1]) % 2 == 0, 1.0, -1.0).astype(np.float32)
+    for ci in empty:
+        cj = int(np.argmax(counts))
+        if counts[cj] < 2:
+            break
+        cent[ci] = cent[cj] * (1 + _SPLIT_EPS * sign)
+        cent[cj] = cent[cj] * (1 - _SPLIT_EPS * sign)
+        counts[ci] = counts[cj] // 2
+        counts[cj] -= counts[ci]
+    return len(empty)
+
+
+def _torch_lloyd_step(x: np.ndarray, k: int, bar: tqdm
+                      ) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, float]]:
+    """One Lloyd iteration on CUDA with the data resident on the GPU: tf32 matrix
+    product, argmin, ``index_add_`` of the members (UNTESTED here: no GPU in CI). Atomic
+    float additions make GPU codebooks reproducible only up to rounding."""
+    import torch
+
+    xt = torch.from_numpy(x).cuda()
+    x_sq = (xt * xt).sum(1)
+    n, dim = x.shape
+
+    def step(cent: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        c = torch.from_numpy(np.ascontiguousarray(cent)).cuda()
+        c_sq = (c * c).sum(1)
+        sums = torch.zeros((k, dim), dtype=torch.float32, device=c.device)
+        counts = torch.zeros(k, dtype=torch.int64, device=c.device)
+        obj = torch.zeros((), dtype=torch.float64, device=c.device)
+        prev = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            for s in range(0, n, _CHUNK):
+                xb = xt[s:s + _CHUNK]
+                dmin, a = (c_sq[None, :] - 2.0 * (xb @ c.T)).min(dim=1)
+                obj += (dmin + x_sq[s:s + _CHUNK]).clamp_min(0).double().sum()
+                sums.index_add_(0, a, xb)
+                counts += torch.bincount(a, minlength=k)
+                bar.update(len(xb))
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = prev
+        return sums.double().cpu().numpy(), counts.cpu().numpy(), float(obj.item())
+
+    return step
+
+
+def train_kmeans(x: np.ndarray, k: int, niter: int, seed: int, mode: str = "exact",
+                 device: str = "auto") -> np.ndarray:
+    """Lloyd's k-means on the rows of ``x`` -> (k, D) float32 centroids.
+
+    ``mode='exact'``: brute-force assignment (FAISS ``IndexFlatL2`` on the CPU; on CUDA
+    FAISS-GPU when installed, else a torch tf32 matrix product). ``'approximate'``: an
+    HNSW graph over the current centroids answers the assignment step (CPU). Progress
+    and ETA go to a tqdm bar; the final objective is logged and kept in
+    ``train_kmeans.last_stats``."""
+    if mode not in MODES:
+        raise UserError(f"kmeans mode '{mode}': expected one of {', '.join(MODES)}")
+    if x.ndim != 2:
+        raise ValueError(f"expected (n, D) features, got shape {x.shape}")
+    n, dim = x.shape
+    if k < 1 or k > n:
+        raise UserError(f"n_centers = {k} exceeds the number of training features ({n}); "
+                        "lower n_centers or raise n_samples / use more images")
+    if niter < 1:
+        raise UserError(f"kmeans_iter = {niter}: need at least one iteration")
+    dev = "cpu" if mode == "approximate" else resolve_device(device)
+    x = np.ascontiguousarray(x, np.float32)
+    rng = np.random.default_rng(seed)
+    cent = x[np.sort(rng.choice(n, size=k, replace=False))].copy()
+    t0 = time.perf_counter()
+    objective = float("nan")
+    n_split = 0
+    bar = tqdm(total=niter * n, unit="feat", unit_scale=True, desc=f"k-means {mode} k={k}",
+               mininterval=2.0, disable=None)
+    prev: np.ndarray | None = None
+    gpu_step = _torch_lloyd_step(x, k, bar) if dev == "cuda" and _faiss_gpus() == 0 else None
+    try:
+        for it in range(niter):
+            if gpu_step is not None:  # pragma: no cover - needs CUDA
+                sums, counts, objective = gpu_step(cent)
+            else:
+                search = _make_search(cent, mode, dev, KMEANS_EF_SEARCH, tf32=True,
+                                      m=KMEANS_HNSW_M)
+                words, dist = _chunked(search, x, bar)
+                if mode == "approximate" and prev is not None:
+                    _keep_better_previous(x, cent, prev, words, dist)
+                prev = words
+                objective = float(dist.astype(np.float64).sum())
+                sums, counts = _centroid_sums(x, words, k)
+            nz = counts > 0
+            cent = cent.copy()
+            cent[nz] = (sums[nz] / counts[nz, None]).astype(np.float32)
+            n_split += _split_empty(cent, counts)
+            bar.set_postfix(it=it + 1, obj=f"{objective:.5g}")
+            el = time.perf_counter() - t0
+            log.info("k-means iteration %d/%d: objective %.6g, %.1f s elapsed, about %.0f s "
+                     "left", it + 1, niter, objective, el, el / (it + 1) * (niter - it - 1))
+    finally:
+        bar.close()
+    secs = time.perf_counter() - t0
+    train_kmeans.last_stats = {  # type: ignore[attr-defined]
+        "objective": objective, "seconds": round(secs, 2), "device": dev,
+        "empty_clusters_split": int(n_split), "n_train": int(n), "niter": int(niter)}
+    log.info("k-means %s (%s): %d x %d -> %d words, %d iterations in %.1f s, objective %.6g",
+             mode, dev, n, dim, k, niter, secs, objective)
+    return cent
+
+
+train_kmeans.last_stats = {}  # type: ignore[attr-defined]
+
+
+def kmeans_objective(x: np.ndarray, centroids: np.ndarray) -> float:
+    """Sum of squared distances of ``x`` to their exact nearest centroid."""
+    _, dist = _chunked(_make_search(centroids, "exact", "cpu", 0), x)
+    return float(dist.astype(np.float64).sum())
+
+
+# --------------------------------------------------------------------------- codebook
+
+
+class Codebook:
+    """K visual words and nearest-word assignment (exact or HNSW)."""
+
+    def __init__(self, centroids: np.ndarray, mode: str = "exact",
+                 meta: dict[str, Any] | None = None, device: str = "cpu") -> None:
+        if mode not in MODES:
+            raise UserError(f"assignment mode '{mode}': expected one of {', '.join(MODES)}")
+        c = np.asarray(centroids)
+        if c.ndim != 2 or c.shape[0] < 1:
+            raise ValueError(f"centroids must be (K, D), got shape {c.shape}")
+        self.centroids = np.ascontiguousarray(c, np.float32)
+        self.mode = mode
+        self.meta: dict[str, Any] = dict(meta or {})
+        self.device = "cpu" if mode == "approximate" else resolve_device(device)
+        self.ef_search = DEFAULT_EF_SEARCH
+        self._search: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
+        self._exact: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
+        self._hnsw: faiss.IndexHNSWFlat | None = None
+
+    @property
+    def k(self) -> int:
+        return int(self.centroids.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.centroids.shape[1])
+
+    def _exact_search(self) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+        if self._exact is None:
+            self._exact = _make_search(self.centroids, "exact", self.device, 0)
+        return self._exact
+
+    def _searcher(self) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+        if self.mode == "exact":
+            return self._exact_search()
+        if self._hnsw is None:
+            self._hnsw = build_hnsw(self.centroids)
+        self._hnsw.hnsw.efSearch = self.ef_search
+        return _faiss_search(self._hnsw)
+
+    def assign(self, x: np.ndarray) -> np.ndarray:
+        """Nearest word (int64) of each row of ``x`` (n, D)."""
+        x = np.asarray(x)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise UserError(f"codebook of {self.dim}-D words cannot assign features of "
+                            f"shape {x.shape} (PCA and codebook from different runs?)")
+        if x.shape[0] == 0:
+            return np.zeros(0, np.int64)
+        return _chunked(self._searcher(), x)[0]
+
+    def exact_assign(self, x: np.ndarray) -> np.ndarray:
+        """Brute-force nearest word, whatever the mode (reference for agreement)."""
+        return _chunked(self._exact_search(), np.asarray(x, np.float32))[0]
+
+    def tune(self, sample: np.ndarray, target: float = 0.97) -> float:
+        """Approximate mode: the smallest HNSW ``efSearch`` on :data:`EF_LADDER` whose
+        assignments agree with exact search on ``target`` of ``sample``; returns the
+        agreement reached (1.0 in exact mode)."""
+        if self.mode == "exact" or len(sample) == 0:
+            return 1.0
+        ref = self.exact_assign(sample)
+        agree = 0.0
+        for ef in EF_LADDER:
+            self.ef_search = ef
+            agree = float(np.mean(self.assign(sample) == ref))
+            if agree >= target:
+                break
+        log.info("HNSW efSearch %d: agreement with exact %.4f on %d features",
+                 self.ef_search, agree, len(sample))
+        return agree
+
+    # ------------------------------------------------------------------ I/O
+
+    def content_hash(self) -> str:
+        return hashlib.sha256(np.ascontiguousarray(self.centroids, "<f4").tobytes()
+                              ).hexdigest()[:16]
+
+    def save(self, path: Path, meta: dict[str, Any]) -> None:
+        """``path`` (.npy float32 K x D) + ``<stem>.json``, both atomic, sidecar last."""
+        path = Path(path)
+        self.meta = {**meta, "codebook_hash": self.content_hash(), "n_centers": self.k,
+                     "dim": self.dim}
+        save_npy_atomic(path, self.centroids)
+        write_json_atomic(sidecar(path), self.meta)
+
+    @classmethod
+    def load(cls, path: Path, mode: str = "exact", device: str = "cpu") -> Codebook:
+        path = Path(path)
+        if not path.exists():
+            raise UserError(f"{path}: codebook not found (run step B with TRAIN_CENTROIDS "
+                            "true)")
+        c = load_npy(path)
+        if c.ndim != 2 or c.dtype != np.float32:
+            raise UserError(f"{path}: expected a (K, D) float32 array, got {c.dtype} "
+                            f"{c.shape}")
+        return cls(c, mode, read_json(sidecar(path), "codebook metadata"), device)

@@ -1,0 +1,311 @@
+"""The feature store of step A: one LMDB environment (a folder) of local CNN maps.
+
+Why LMDB: one file set, memory-mapped zero-copy reads from many processes, and
+transactions: step A commits one transaction per batch, so an interrupted run leaves
+only whole batches and resumes exactly where it stopped.
+
+Layout (all integers little-endian):
+
+* **Name**: ``<path_features>/<network>-<weights>-<layers joined by +>-<H>x<W>-<resize>
+  .lmdb`` (``H``×``W`` = ``input_size``, portrait order; ``max_side`` mode appends the
+  side: ``-max_side1024``). Corrupt images: ``<name>.corrupted.txt`` beside it, one
+  ``image_id<TAB>reason`` line each.
+* **Key**: the image id, UTF-8 (``Canon/001``).
+* **Value**: a 16-byte header ``struct "<4sBBHII"``: magic ``b"LCF1"``, dtype code
+  (1 = float16, 2 = float32), ``L`` = number of layers, 2 reserved bytes (0), the original
+  image height ``H0`` and width ``W0`` (after EXIF orientation); then ``L`` shape records
+  ``"<III"`` = (C, h, w), one per layer in the order of ``meta["provenance"]["layers"]``;
+  then the ``L`` maps, each C-contiguous (C, h, w) in the header's dtype.
+* **Metadata**: the reserved key ``__meta__`` holds UTF-8 JSON: ``provenance``
+  (:func:`lib.networks.feature_provenance`), ``layers``, ``feature_dtype``, ``count``,
+  ``settings_hash`` (step A), ``versions``, ``created``, ``complete``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import numpy as np
+
+from lib.artefacts import write_text_atomic
+from lib.errors import UserError
+
+META_KEY = b"__meta__"
+MAGIC = b"LCF1"
+HEADER = struct.Struct("<4sBBHII")
+SHAPE = struct.Struct("<III")
+DTYPES = {1: np.dtype("<f2"), 2: np.dtype("<f4")}
+DTYPE_CODES = {"float16": 1, "float32": 2}
+_INITIAL_MAP = 1 << 30
+
+
+def encode_record(maps: Mapping[str, np.ndarray] | Sequence[np.ndarray],
+                  size_hw: Sequence[int], dtype: str = "float16") -> bytes:
+    """Bytes of one value (see module doc); ``maps`` in layer order."""
+    arrays = list(maps.values()) if isinstance(maps, Mapping) else list(maps)
+    code = DTYPE_CODES[dtype]
+    dt = DTYPES[code]
+    parts = [HEADER.pack(MAGIC, code, len(arrays), 0, int(size_hw[0]), int(size_hw[1]))]
+    body = []
+    for a in arrays:
+        if a.ndim != 3:
+            raise ValueError(f"maps must be (C, h, w), got shape {a.shape}")
+        parts.append(SHAPE.pack(*a.shape))
+        body.append(np.ascontiguousarray(a, dtype=dt).tobytes())
+    return b"".join(parts + body)
+
+
+def decode_record(buf: bytes | memoryview, where: str = "record"
+                  ) -> tuple[list[np.ndarray], tuple[int, int]]:
+    """(maps as float32 (C, h, w) in layer order, (H0, W0)) of one value."""
+    if len(buf) < HEADER.size:
+        raise UserError(f"{where}: value too short for a feature record")
+    magic, code, n, _, h0, w0 = HEADER.unpack_from(buf, 0)
+    if magic != MAGIC or code not in DTYPES:
+        raise UserError(f"{where}: not a feature record (magic {magic!r}, dtype {code})")
+    dt = DTYPES[code]
+    off = HEADER.size + SHAPE.size * n
+    maps = []
+    for i in range(n):
+        c, h, w = SHAPE.unpack_from(buf, HEADER.size + SHAPE.size * i)
+        count = c * h * w
+        a = np.frombuffer(buf, dtype=dt, count=count, offset=off).reshape(c, h, w)
+        maps.append(a.astype(np.float32))
+        off += count * dt.itemsize
+    if off != len(buf):
+        raise UserError(f"{where}: feature record has {len(buf) - off} trailing bytes")
+    return maps, (int(h0), int(w0))
+
+
+def record_size_hw(buf: bytes | memoryview) -> tuple[int, int]:
+    """Only the original (H0, W0) of a value (cheap: header only)."""
+    _, _, _, _, h0, w0 = HEADER.unpack_from(buf, 0)
+    return int(h0), int(w0)
+
+
+class FeatureStore:
+    """Read (default) or write access to one feature store.
+
+    Safe across ``fork``: a process that inherits an open store reopens it on first use
+    (LMDB environments must not be shared between processes)."""
+
+    def __init__(self, path: str | os.PathLike, readonly: bool = True) -> None:
+        self.path = Path(path)
+        self.readonly = readonly
+        if readonly and not (self.path / "data.mdb").is_file():
+            raise UserError(f"{self.path}: feature store not found (run step A first)")
+        self._env: lmdb.Environment | None = None
+        self._pid = -1
+        self._meta: dict[str, Any] | None = None
+        self._layers: list[str] | None = None
+        self._open()
+
+    # ------------------------------------------------------------------ plumbing
+    def _open(self) -> None:
+        if self.readonly:
+            self._env = lmdb.open(str(self.path), readonly=True, lock=False,
+                                  readahead=False, max_readers=512, subdir=True)
+        else:
+            self.path.mkdir(parents=True, exist_ok=True)
+            size = max(_INITIAL_MAP, _data_size(self.path) * 2)
+            self._env = lmdb.open(str(self.path), map_size=size, subdir=True,
+                                  readahead=False, max_readers=512)
+        self._pid = os.getpid()
+
+    @property
+    def env(self) -> lmdb.Environment:
+        if self._env is None:
+            raise UserError(f"{self.path}: feature store is closed")
+        if self._pid != os.getpid():
+            self._open()
+        return self._env
+
+    @staticmethod
+    def path_for(settings: Mapping[str, Any]) -> Path:
+        """``<path_features>/<network>-<weights>-<layers+>-<H>x<W>-<resize>.lmdb``."""
+        from lib.networks import resolve_family
+
+        fam = resolve_family(settings["network"], settings["weights"])
+        h, w = settings["input_size"]
+        resize = settings["resize"]
+        if resize == "max_side":
+            resize = f"max_side{int(settings['max_side'])}"
+        name = (f"{settings['network']}-{fam}-{'+'.join(settings['layers'])}-{h}x{w}-"
+                f"{resize}.lmdb")
+        return Path(settings["path_features"]) / name
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, meta: Mapping[str, Any]) -> FeatureStore:
+        """Open for writing (creating it when absent) and set its metadata record."""
+        st = cls(path, readonly=False)
+        st.set_meta(meta)
+        return st
+
+    def corrupted_path(self) -> Path:
+        return corrupted_path(self.path)
+
+    # ------------------------------------------------------------------ metadata
+    @property
+    def meta(self) -> dict[str, Any]:
+        if self._meta is None:
+            with self.env.begin() as txn:
+                raw = txn.get(META_KEY)
+            if raw is None:
+                self._meta = {}
+            else:
+                try:
+                    self._meta = json.loads(bytes(raw).decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    raise UserError(f"{self.path}: metadata record is not valid JSON "
+                                    "(rerun step A into a new folder)") from None
+        return dict(self._meta)
+
+    def set_meta(self, meta: Mapping[str, Any]) -> None:
+        blob = json.dumps(dict(meta), sort_keys=True).encode("utf-8")
+        self._write([(META_KEY, blob)])
+        self._meta = dict(meta)
+        self._layers = None
+
+    @property
+    def layers(self) -> list[str]:
+        """Layer names in record order (from the metadata)."""
+        if self._layers is None:
+            m = self.meta
+            layers = m.get("layers") or (m.get("provenance") or {}).get("layers")
+            if not layers:
+                raise UserError(f"{self.path}: metadata field 'layers' missing")
+            self._layers = list(layers)
+        return list(self._layers)
+
+    # ------------------------------------------------------------------ reading
+    def ids(self) -> list[str]:
+        """Every stored image id, sorted."""
+        with self.env.begin() as txn:
+            keys = [bytes(k).decode("utf-8") for k in txn.cursor().iternext(values=False)
+                    if k != META_KEY]
+        keys.sort()
+        return keys
+
+    def sizes(self) -> dict[str, tuple[int, int]]:
+        """{image id: (H0, W0)} of every stored image (one cursor pass, headers only)."""
+        out = {}
+        with self.env.begin(buffers=True) as txn:
+            for k, v in txn.cursor():
+                k = bytes(k)
+                if k != META_KEY:
+                    out[k.decode("utf-8")] = record_size_hw(v)
+        return out
+
+    def __contains__(self, image_id: object) -> bool:
+        if not isinstance(image_id, str):
+            return False
+        with self.env.begin(buffers=True) as txn:
+            return txn.get(image_id.encode("utf-8")) is not None
+
+    def __len__(self) -> int:
+        n = self.env.stat()["entries"]
+        with self.env.begin(buffers=True) as txn:
+            return n - (txn.get(META_KEY) is not None)
+
+    def get_raw(self, image_id: str) -> bytes:
+        with self.env.begin() as txn:
+            raw = txn.get(image_id.encode("utf-8"))
+        if raw is None:
+            raise UserError(f"{self.path}: image '{image_id}' not in the feature store")
+        return raw
+
+    def get(self, image_id: str) -> tuple[dict[str, np.ndarray], tuple[int, int]]:
+        """({layer: float32 (C, h, w)}, (H0, W0)) of one image."""
+        with self.env.begin(buffers=True) as txn:
+            raw = txn.get(image_id.encode("utf-8"))
+            if raw is None:
+                raise UserError(f"{self.path}: image '{image_id}' not in the feature store")
+            maps, size = decode_record(raw, f"{self.path}: image '{image_id}'")
+        layers = self.layers
+        if len(layers) != len(maps):
+            raise UserError(f"{self.path}: image '{image_id}' has {len(maps)} layers, the "
+                            f"metadata lists {len(layers)}")
+        return dict(zip(layers, maps)), size
+
+    # ------------------------------------------------------------------ writing
+    def put_many(self, records: Iterable[tuple[str, Mapping[str, np.ndarray],
+                                               Sequence[int]]]) -> None:
+        """Write ``(image_id, {layer: map}, (H0, W0))`` records in ONE transaction,
+        in the metadata's ``feature_dtype`` and layer order."""
+        dtype = self.meta.get("feature_dtype", "float16")
+        layers = self.layers
+        items = []
+        for image_id, maps, size in records:
+            if image_id == META_KEY.decode():
+                raise UserError(f"image id '{image_id}' is reserved")
+            missing = [ly for ly in layers if ly not in maps]
+            if missing:
+                raise ValueError(f"record '{image_id}' lacks layer(s) {missing}")
+            items.append((image_id.encode("utf-8"),
+                          encode_record([maps[ly] for ly in layers], size, dtype)))
+        self._write(items)
+
+    def _write(self, items: list[tuple[bytes, bytes]]) -> None:
+        if self.readonly:
+            raise UserError(f"{self.path}: opened read-only")
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    for k, v in items:
+                        txn.put(k, v)
+                return
+            except lmdb.MapFullError:
+                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+
+    def sync(self) -> None:
+        if not self.readonly:
+            self.env.sync(True)
+
+    def close(self) -> None:
+        if self._env is not None and self._pid == os.getpid():
+            self._env.close()
+        self._env = None
+
+    def __enter__(self) -> FeatureStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _data_size(path: Path) -> int:
+    f = path / "data.mdb"
+    return f.stat().st_size if f.is_file() else 0
+
+
+def corrupted_path(store_path: str | os.PathLike) -> Path:
+    """``<store path without .lmdb>.corrupted.txt``."""
+    p = Path(store_path)
+    stem = p.name[:-5] if p.name.endswith(".lmdb") else p.name
+    return p.with_name(stem + ".corrupted.txt")
+
+
+def write_corrupted(store_path: str | os.PathLike, entries: Iterable[tuple[str, str]]) -> Path:
+    """Atomically (re)write the corrupt-image list: ``image_id<TAB>reason``, sorted."""
+    lines = sorted(f"{i}\t{' '.join(str(r).split())}" for i, r in entries)
+    path = corrupted_path(store_path)
+    write_text_atomic(path, "".join(line + "\n" for line in lines))
+    return path
+
+
+def read_corrupted(store_path: str | os.PathLike) -> dict[str, str]:
+    path = corrupted_path(store_path)
+    if not path.is_file():
+        return {}
+    out = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            i, _, r = line.partition("\t")
+            out[i] = r
+    return out

@@ -1,0 +1,215 @@
+"""Steps B and C end to end on a tiny feature store written with step A's store code:
+models and their metadata, reproducibility, assignment maps against a direct
+computation, the inverted file, resume of C, and refusal of models made with other
+network / layer / input-size settings."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import pytest
+
+from lib.assignment_store import AssignmentStore
+from lib.bow import sparse_dot
+from lib.codebook import Codebook
+from lib.encoding import database_vector, word_dtype
+from lib.errors import ArtefactMismatchError
+from lib.extraction import store_meta
+from lib.feature_store import FeatureStore
+from lib.local_features import LocalFeatureReader, maps_to_features
+from lib.models import load_models, models_paths
+from lib.networks import feature_provenance
+from lib.pca import PCAWhitening
+from lib.settings import load_settings
+
+REPO = Path(__file__).resolve().parent.parent
+C_CH = 24  # channels of the synthetic maps (any C works; the reader does not care)
+DB = [f"img_{i:02d}" for i in range(10)]
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    (tmp_path / "imgs").mkdir()
+    gt = {"imlist": [*DB, "img_missing"], "qimlist": ["img_00"], "gnd": [{"ok": [1]}]}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "s.json").write_text(json.dumps({
+        "dataset": "toy", "gt_format": "generic", "path_images": "imgs", "path_gt": "gt.json",
+        "path_output": "out", "network": "vgg16", "weights": "random",
+        "layers": ["conv5_1"], "input_size": [64, 48], "new_dim": [8, 6],
+        "pca_dim": 16, "n_centers": 12, "kmeans_iter": 4, "n_samples": 100000,
+        "seed": 3, "device": "cpu",
+    }))
+    s = load_settings(tmp_path / "s.json")
+    rng = np.random.default_rng(0)
+    recs = []
+    for n, i in enumerate(DB):  # native 4x3 maps; every third image landscape (3x4)
+        shape = (C_CH, 3, 4) if n % 3 == 0 else (C_CH, 4, 3)
+        maps = np.maximum(rng.standard_normal(shape), 0).astype(np.float32)
+        recs.append((i, {"conv5_1": maps}, (shape[1] * 10, shape[2] * 10)))
+    with FeatureStore.create(FeatureStore.path_for(s),
+                             store_meta(s, feature_provenance(s), len(recs), "t", True)) as st:
+        st.put_many(recs)
+    return tmp_path
+
+
+def step(script: str, run_dir: Path, *extra: str, capsys=None) -> tuple[int, str]:
+    """Run a pipeline script in-process (as ``python script settings ...``)."""
+    argv = sys.argv
+    sys.argv = [script, str(run_dir / "s.json"), *extra]
+    try:
+        runpy.run_path(str(REPO / "bow_pipeline" / script), run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    finally:
+        sys.argv = argv
+    out = capsys.readouterr() if capsys is not None else None
+    return code, (out.out + out.err) if out else ""
+
+
+def settings(run_dir: Path, **over):
+    return load_settings(run_dir / "s.json", overrides=over)
+
+
+def test_b_then_c(run_dir, capsys):
+    code, out = step("B_processing_clustering.py", run_dir, capsys=capsys)
+    assert code == 0, out
+    s = settings(run_dir)
+    p_cb = models_paths(s)[1]
+    meta = json.loads(p_cb.with_suffix(".json").read_text())
+    assert meta["provenance"] == feature_provenance(s)
+    assert meta["n_centers"] == 12 and meta["pca_dim"] == 16 and meta["seed"] == 3
+    assert meta["n_train_features"] == 10 * 12 and meta["n_train_images"] == 10
+    pca, cb = load_models(s)
+    assert (cb.k, cb.dim, pca.dim_in) == (12, 16, C_CH)
+    assert meta["pca_hash"] == pca.content_hash()
+
+    # the same settings into another models folder: the same codebook (seeded)
+    code, out = step("B_processing_clustering.py", run_dir, "--set",
+                     f"path_models={run_dir / 'models2'}", capsys=capsys)
+    assert code == 0, out
+    np.testing.assert_array_equal(np.load(run_dir / "models2" / "codebook.npy"), cb.centroids)
+
+    code, out = step("C_bow_representation.py", run_dir, capsys=capsys)
+    assert code == 0, out
+    assert "1 missing" in out  # img_missing has no features: warned about, left out
+    store = FeatureStore(FeatureStore.path_for(s))
+    reader = LocalFeatureReader(store, [8, 6], l2norm=True, pca=pca)
+    with AssignmentStore(AssignmentStore.path_for(s)) as asg:
+        assert asg.ids() == DB
+        assert asg.meta["pca_hash"] == pca.content_hash()
+        for n, i in enumerate(DB):
+            words, orig = asg.get(i)
+            hw = (6, 8) if n % 3 == 0 else (8, 6)  # new_dim follows the orientation
+            assert words.shape == hw and words.dtype == word_dtype(12)
+            assert orig == ((30, 40) if n % 3 == 0 else (40, 30))
+            feats = maps_to_features(reader.maps(i), True, pca)
+            d = ((feats[:, None, :].astype(np.float64) - cb.centroids[None]) ** 2).sum(-1)
+            np.testing.assert_array_equal(words.ravel(), d.argmin(1))
+    from lib.inverted_file import InvertedFile
+
+    inv = InvertedFile.load(run_dir / "out" / "index")
+    assert inv.image_ids == DB and inv.n_words == 12
+    assert inv.meta["codebook_hash"] == cb.content_hash()
+    with AssignmentStore(AssignmentStore.path_for(s)) as asg:
+        vecs = [database_vector(asg.get(i)[0], "centre_prior", 12) for i in DB]
+    sc = inv.scores(vecs[4])
+    expect = np.array([sparse_dot(vecs[4], v) for v in vecs], np.float32)
+    np.testing.assert_allclose(sc, expect, atol=2e-3)  # weights are quantised on disk
+
+
+def test_c_resumes_and_skips_stored_maps(run_dir, capsys):
+    assert step("B_processing_clustering.py", run_dir, capsys=capsys)[0] == 0
+    assert step("C_bow_representation.py", run_dir, capsys=capsys)[0] == 0
+    s = settings(run_dir)
+    apath = AssignmentStore.path_for(s)
+    with AssignmentStore(apath) as asg:
+        full = {i: asg.get(i) for i in asg.ids()}
+    # an interrupted run: only the first batches were committed
+    env = lmdb.open(str(apath), subdir=True)
+    with env.begin(write=True) as txn:
+        for i in DB[4:]:
+            txn.delete(i.encode())
+    env.close()
+    # a stored map is never recomputed: mark one to prove it is skipped
+    with AssignmentStore(apath, readonly=False) as asg:
+        asg.put_many([("img_01", np.full((8, 6), 11, np.uint16), (40, 30))])
+    code, out = step("C_bow_representation.py", run_dir, capsys=capsys)
+    assert code == 0, out
+    assert "6 images assigned" in out
+    with AssignmentStore(apath) as asg:
+        assert asg.ids() == DB
+        assert (asg.get("img_01")[0] == 11).all()
+        for i in DB[4:]:
+            np.testing.assert_array_equal(asg.get(i)[0], full[i][0])
+            assert asg.get(i)[1] == full[i][1]
+
+
+def test_approximate_assignment_mode(run_dir, capsys):
+    assert step("B_processing_clustering.py", run_dir, "--set", "kmeans=approximate",
+                capsys=capsys)[0] == 0
+    code, out = step("C_bow_representation.py", run_dir, "--set", "kmeans=approximate",
+                     "--set", "assignment=approximate", capsys=capsys)
+    assert code == 0, out
+    s = settings(run_dir)
+    with AssignmentStore(AssignmentStore.path_for(s)) as asg:
+        assert asg.meta["assignment"] == "approximate" and asg.meta["tuned_agreement"] >= 0.97
+        assert len(asg) == len(DB)
+
+
+@pytest.mark.parametrize("key,value", [("input_size", "[80,60]"), ("layers", '["conv5_2"]'),
+                                       ("network", "resnet50"), ("pca_dim", "8"),
+                                       ("n_centers", "10")])
+def test_models_from_other_settings_are_refused(run_dir, capsys, key, value):
+    assert step("B_processing_clustering.py", run_dir, capsys=capsys)[0] == 0
+    code, out = step("C_bow_representation.py", run_dir, "--set", f"{key}={value}",
+                     capsys=capsys)
+    assert code == 2
+    assert f"field '{key}'" in out and "step B" in out and "Traceback" not in out
+    with pytest.raises(ArtefactMismatchError, match=f"field '{key}'"):
+        load_models(settings(run_dir, **{key: json.loads(value) if value[0] in "[0123456789"
+                                         else value}))
+
+
+def test_reuse_checks_and_refuses(run_dir, capsys):
+    assert step("B_processing_clustering.py", run_dir, capsys=capsys)[0] == 0
+    s = settings(run_dir)
+    before = models_paths(s)[1].stat().st_mtime_ns
+    code, out = step("B_processing_clustering.py", run_dir, "--set", "TRAIN_PCA=false",
+                     "--set", "TRAIN_CENTROIDS=false", capsys=capsys)
+    assert code == 0 and "nothing to train" in out
+    assert models_paths(s)[1].stat().st_mtime_ns == before
+    # reusing a codebook while asking for another vocabulary size is refused
+    code, out = step("B_processing_clustering.py", run_dir, "--set", "TRAIN_CENTROIDS=false",
+                     "--set", "n_centers=10", capsys=capsys)
+    assert code == 2 and "field 'n_centers'" in out
+    # a freshly refitted PCA on another sample gives a different space: the old
+    # codebook no longer fits it
+    code, out = step("B_processing_clustering.py", run_dir, "--set", "TRAIN_CENTROIDS=false",
+                     "--set", "max_train_images=5", capsys=capsys)
+    assert code == 2 and "pca_hash" in out
+
+
+def test_pca_and_codebook_files_load_standalone(run_dir, capsys):
+    assert step("B_processing_clustering.py", run_dir, capsys=capsys)[0] == 0
+    s = settings(run_dir)
+    p_pca, p_cb = models_paths(s)
+    pca = PCAWhitening.load(p_pca)
+    cb = Codebook.load(p_cb)
+    assert pca.meta["train_on"] == "native" and pca.meta["train_new_dim"] is None
+    assert cb.meta["kmeans"] == "exact" and np.isfinite(cb.meta["kmeans_objective"])
+
+
+def test_b_samples_per_image_when_features_do_not_fit(run_dir, capsys):
+    code, out = step("B_processing_clustering.py", run_dir, "--set", "n_samples=50",
+                     "--set", "max_train_images=7", capsys=capsys)
+    assert code == 0, out
+    meta = PCAWhitening.load(models_paths(settings(run_dir))[0]).meta
+    # 7 seeded images x ceil(50 / 7) = 8 features each = 56, trimmed to 50
+    assert meta["n_train_images"] == 7 and meta["n_train_features"] == 50
+    assert meta["n_fit"] == 50

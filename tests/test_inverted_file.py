@@ -1,0 +1,282 @@
+"""Inverted file: exact cosine scores, tie order, partitioned build == one-shot build,
+memory-mapped loading, the quantisation error bound, and refusal of damaged files."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lib import inverted_file
+from lib.errors import ArtefactMismatchError, UserError
+from lib.inverted_file import (
+    WEIGHT_SCALE,
+    InvertedFile,
+    build_partition,
+    merge_partitions,
+    quantise,
+    rank_scores,
+    top_k,
+)
+
+K = 300
+STEP = 0.5 / WEIGHT_SCALE  # largest error of one stored weight
+
+
+def random_vectors(rng: np.random.Generator, n: int, k: int = K, max_nnz: int = 40,
+                   empty_every: int = 17) -> list[tuple[np.ndarray, np.ndarray]]:
+    """L2-normalised non-negative sparse vectors with Zipf-ish word frequencies."""
+    p = 1.0 / (np.arange(k) + 5.0)
+    p /= p.sum()
+    out = []
+    for i in range(n):
+        if empty_every and i % empty_every == 3:
+            out.append((np.zeros(0, np.int32), np.zeros(0, np.float32)))
+            continue
+        words = rng.choice(k, size=rng.integers(1, max_nnz), p=p)
+        idx, cnt = np.unique(words, return_counts=True)
+        val = cnt * rng.uniform(0.2, 1.0, idx.size)
+        out.append((idx.astype(np.int32), (val / np.linalg.norm(val)).astype(np.float32)))
+    return out
+
+
+def dense(vectors, k: int = K) -> np.ndarray:
+    x = np.zeros((len(vectors), k))
+    for i, (idx, val) in enumerate(vectors):
+        x[i, idx] = val
+    return x
+
+
+def ids(n: int) -> list[str]:
+    return [f"img/{i:04d}" for i in range(n)]
+
+
+def idf_reference(x: np.ndarray, q: np.ndarray) -> np.ndarray:
+    df = (x > 0).sum(0)
+    idf = np.where(df > 0, np.log(x.shape[0] / np.maximum(df, 1)), 0.0)
+    xi = x * idf
+    n = np.linalg.norm(xi, axis=1, keepdims=True)
+    xi = np.divide(xi, n, out=np.zeros_like(xi), where=n > 0)
+    qi = q * idf
+    return xi @ (qi / np.linalg.norm(qi))
+
+
+@pytest.mark.parametrize(("use_idf", "block"), [(False, 1 << 22), (True, 1 << 22), (False, 37)])
+def test_scores_match_dense_product(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    use_idf: bool, block: int) -> None:
+    monkeypatch.setattr(inverted_file, "SCORE_BLOCK", block)  # 37: many scoring blocks
+    rng = np.random.default_rng(1)
+    vecs = random_vectors(rng, 200)
+    ivf = InvertedFile.build(tmp_path / "ivf", vecs, K, ids(200), {"k": 1}, idf=use_idf,
+                             partition_postings=500)
+    x = dense(vecs)
+    for qv in random_vectors(rng, 12, max_nnz=60, empty_every=0):
+        q = np.zeros(K)
+        q[qv[0]] = qv[1]
+        ref = idf_reference(x, q) if use_idf else x @ q
+        got = ivf.scores(qv)
+        assert got.dtype == np.float32 and got.shape == (200,)
+        qs = ivf.query_weights(qv)[1]
+        # |sum_w q_w e_w| <= max|e| * ||q||_1 for stored-weight errors e
+        bound = STEP * np.abs(qs).sum() + 1e-6
+        assert np.max(np.abs(got - ref)) <= bound
+        assert np.max(np.abs(got - ref)) > 0 or not np.any(ref)  # really quantised
+
+
+def test_quantisation_error_bound_and_ranking(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    w = rng.uniform(0, 1, 100_000)
+    w[:3] = [0.0, 1.0, 0.5]
+    err = quantise(w).astype(np.float64) / WEIGHT_SCALE - w
+    assert np.max(np.abs(err)) <= STEP + 1e-12
+    assert quantise(np.array([0.0, 1.0])).tolist() == [0, WEIGHT_SCALE]
+    # rankings agree with float scoring up to the stated tolerance (2x the score bound)
+    vecs = random_vectors(rng, 300, max_nnz=80)
+    ivf = InvertedFile.build(tmp_path / "ivf", vecs, K, ids(300), {})
+    x = dense(vecs)
+    for qv in random_vectors(rng, 10, max_nnz=80, empty_every=0):
+        ref = x @ np.bincount(qv[0], qv[1], minlength=K)
+        order, _ = ivf.search(qv)
+        tol = 2 * STEP * np.abs(qv[1]).sum()
+        assert np.all(np.diff(ref[order]) <= tol)
+        ref_order = np.argsort(-ref, kind="stable")
+        assert np.mean(order == ref_order) > 0.9  # same ranking except near-ties
+
+
+def test_tie_order_and_zero_scores_follow_database_order(tmp_path: Path) -> None:
+    a = (np.array([1, 5], np.int32), np.array([0.6, 0.8], np.float32))
+    b = (np.array([2], np.int32), np.array([1.0], np.float32))
+    c = (np.array([5, 7], np.int32), np.array([0.8, 0.6], np.float32))
+    e = (np.zeros(0, np.int32), np.zeros(0, np.float32))
+    vecs = [b, a, e, c, a, b, a]  # docs 1, 4, 6 tie; 0, 2, 5 score zero
+    ivf = InvertedFile.build(tmp_path / "ivf", vecs, 10, ids(7), {})
+    order, s = ivf.search(a)
+    assert order.dtype == np.int64
+    assert order.tolist() == [1, 4, 6, 3, 0, 2, 5]
+    assert s[1] == s[4] == s[6] > s[3] > 0 == s[0] == s[2] == s[5]
+    for k in range(8):
+        assert ivf.search_top(a, k)[0].tolist() == order[:k].tolist()
+
+
+def test_search_top_equals_full_ranking_prefix(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    vecs = random_vectors(rng, 150, max_nnz=5)  # few words -> many exact ties
+    vecs += vecs[:40]
+    ivf = InvertedFile.build(tmp_path / "ivf", vecs, K, ids(190), {})
+    for qv in random_vectors(rng, 5, max_nnz=10, empty_every=0):
+        full, s = ivf.search(qv)
+        assert np.array_equal(s[full], np.sort(s)[::-1])
+        for k in (1, 7, 50, 189, 190, 500):
+            assert np.array_equal(ivf.search_top(qv, k)[0], full[:k])
+
+
+def test_query_validation(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    ivf = InvertedFile.build(tmp_path / "ivf", random_vectors(rng, 20), K, ids(20), {})
+    with pytest.raises(ValueError):
+        ivf.scores((np.array([K], np.int32), np.array([1.0], np.float32)))
+    with pytest.raises(ValueError):
+        ivf.scores((np.array([-1], np.int32), np.array([1.0], np.float32)))
+    z = ivf.scores((np.zeros(0, np.int32), np.zeros(0, np.float32)))
+    assert z.shape == (20,) and not z.any()
+    order, _ = ivf.search((np.zeros(0, np.int32), np.zeros(0, np.float32)))
+    assert order.tolist() == list(range(20))
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+@pytest.mark.parametrize("use_idf", [False, True])
+def test_partitioned_build_is_byte_identical(tmp_path: Path, use_idf: bool) -> None:
+    rng = np.random.default_rng(5)
+    vecs = random_vectors(rng, 120)
+    meta = {"codebook": "abc", "n": 3}
+    one = InvertedFile.build(tmp_path / "one", vecs, K, ids(120), meta, idf=use_idf,
+                             partition_postings=10**9)
+    many = InvertedFile.build(tmp_path / "many", vecs, K, ids(120), meta, idf=use_idf,
+                              partition_postings=97, block_postings=13)
+    # explicit partitions built separately (e.g. distractor chunks), then merged
+    cuts = [0, 1, 50, 51, 120]
+    parts = [build_partition(tmp_path / f"p{j}", vecs[a:b], K, a)
+             for j, (a, b) in enumerate(itertools.pairwise(cuts))]
+    merged = merge_partitions(parts, tmp_path / "merged", ids(120), meta, idf=use_idf,
+                              block_postings=29)
+    ref = _files(one.path)
+    assert set(ref) == {"meta.json", "image_ids.txt", "offsets.npy", "docs.npy",
+                        "weights.npy"} | ({"idf.npy"} if use_idf else set())
+    assert _files(many.path) == ref
+    assert _files(merged.path) == ref
+    assert not (tmp_path / "many" / "parts").exists()
+
+
+def test_load_is_memory_mapped_and_complete(tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    vecs = random_vectors(rng, 50)
+    built = InvertedFile.build(tmp_path / "ivf", vecs, K, ids(50), {"x": [1, 2]}, idf=True)
+    ivf = InvertedFile.load(tmp_path / "ivf")
+    assert isinstance(ivf.docs, np.memmap) and isinstance(ivf.weights, np.memmap)
+    assert ivf.image_ids == ids(50) and ivf.n_docs == 50 and ivf.n_words == K
+    assert ivf.meta == {"x": [1, 2]} and ivf.header["idf"] is True
+    assert ivf.n_postings == sum(v[0].size for v in vecs) == ivf.docs.size
+    assert ivf.docs.nbytes + ivf.weights.nbytes == 6 * ivf.n_postings
+    assert np.array_equal(ivf.df, (dense(vecs) > 0).sum(0))
+    q = vecs[7]
+    assert np.array_equal(ivf.scores(q), built.scores(q))
+    assert ivf.postings_touched(q) == int(ivf.df[q[0]].sum())
+    # doc ids ascend within every word
+    d = np.asarray(ivf.docs).astype(np.int64)
+    word = np.repeat(np.arange(K), ivf.df)
+    same = word[1:] == word[:-1]
+    assert same.any() and np.all(np.diff(d)[same] > 0)
+
+
+def test_damaged_files_raise_user_error_naming_them(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    vecs = random_vectors(rng, 30)
+    path = tmp_path / "ivf"
+    InvertedFile.build(path, vecs, K, ids(30), {})
+    docs = (path / "docs.npy").read_bytes()
+    (path / "docs.npy").write_bytes(docs[: len(docs) - 10])
+    with pytest.raises(UserError, match="docs.npy"):
+        InvertedFile.load(path)
+    (path / "docs.npy").write_bytes(b"not a numpy file at all")
+    with pytest.raises(UserError, match="docs.npy"):
+        InvertedFile.load(path)
+    (path / "docs.npy").write_bytes(docs)
+    np.save(path / "weights.npy", np.zeros(3, np.float32))
+    with pytest.raises(UserError, match="weights.npy"):
+        InvertedFile.load(path)
+    (path / "meta.json").write_text('{"format": "something-else"}')
+    with pytest.raises(UserError, match="meta.json"):
+        InvertedFile.load(path)
+    (path / "meta.json").write_text("{trunc")
+    with pytest.raises(UserError, match="meta.json"):
+        InvertedFile.load(path)
+    with pytest.raises(UserError, match="not found"):
+        InvertedFile.load(tmp_path / "missing")
+
+
+def test_image_id_count_mismatch_and_duplicates(tmp_path: Path) -> None:
+    rng = np.random.default_rng(8)
+    vecs = random_vectors(rng, 10)
+    path = tmp_path / "ivf"
+    InvertedFile.build(path, vecs, K, ids(10), {})
+    (path / "image_ids.txt").write_text("a\nb\n")
+    with pytest.raises(UserError, match="image_ids.txt"):
+        InvertedFile.load(path)
+    with pytest.raises(UserError, match="img/0001"):
+        InvertedFile.build(tmp_path / "dup", vecs, K, [*ids(9), "img/0001"], {})
+    assert not (tmp_path / "dup").exists()
+
+
+def test_bad_input_leaves_nothing_behind(tmp_path: Path) -> None:
+    good = (np.array([1, 2], np.int32), np.array([0.6, 0.8], np.float32))
+    for bad in [(np.array([2, 1], np.int32), np.array([0.6, 0.8], np.float32)),
+                (np.array([1, K], np.int32), np.array([0.6, 0.8], np.float32)),
+                (np.array([1], np.int32), np.array([2.0], np.float32))]:
+        with pytest.raises(ValueError):
+            InvertedFile.build(tmp_path / "ivf", [good, bad], K, ids(2), {})
+        assert not (tmp_path / "ivf").exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_merge_refuses_gaps_and_wrong_counts(tmp_path: Path) -> None:
+    rng = np.random.default_rng(9)
+    vecs = random_vectors(rng, 20)
+    p0 = build_partition(tmp_path / "p0", vecs[:10], K, 0)
+    p2 = build_partition(tmp_path / "p2", vecs[12:], K, 12)
+    with pytest.raises(UserError, match="p2"):
+        merge_partitions([p0, p2], tmp_path / "out", ids(18), {})
+    p1 = build_partition(tmp_path / "p1", vecs[10:], K, 10)
+    with pytest.raises(ValueError):
+        merge_partitions([p0, p1], tmp_path / "out", ids(19), {})
+    ivf = merge_partitions([p0, p1], tmp_path / "out", ids(20), {})
+    assert ivf.n_docs == 20
+
+
+def test_check_meta_names_the_field(tmp_path: Path) -> None:
+    rng = np.random.default_rng(10)
+    meta = {"codebook_hash": "abc", "weighting": "centre_prior"}
+    ivf = InvertedFile.build(tmp_path / "ivf", random_vectors(rng, 5), K, ids(5), meta)
+    ivf.check_meta({"codebook_hash": "abc", "weighting": "centre_prior"},
+                   ["codebook_hash", "weighting"])
+    with pytest.raises(ArtefactMismatchError, match=r"meta.json.*'weighting'"):
+        ivf.check_meta({"codebook_hash": "abc", "weighting": "counts"},
+                       ["codebook_hash", "weighting"])
+
+
+def test_rank_scores_is_a_stable_descending_sort() -> None:
+    rng = np.random.default_rng(11)
+    s = (rng.integers(0, 50, 5000) / 7).astype(np.float32)  # many exact ties
+    s[::13] = 0.0
+    s[::29] = -0.0
+    ref = np.argsort(-s, kind="stable")
+    assert np.array_equal(rank_scores(s), ref)
+    assert np.array_equal(top_k(s, 321), ref[:321])
+    neg = s - np.float32(1.0)  # negatives take the fallback path
+    assert np.array_equal(rank_scores(neg), np.argsort(-neg, kind="stable"))
+    s64 = s.astype(np.float64)
+    assert np.array_equal(rank_scores(s64), ref)
