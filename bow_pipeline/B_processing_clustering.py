@@ -147,6 +147,10 @@ def main() -> None:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         pca_meta = {k: v for k, v in common.items() if k != "n_centers"}
+        if cb is None and s.n_centers > len(x):
+            # refuse before anything is written (not after the PCA is saved)
+            raise UserError(f"{s.source}: key 'n_centers': {s.n_centers} words need at least "
+                            f"as many training features, but the sample has {len(x)}")
         with output_lock(s.path_output, "B"):
             if pca is None:
                 pca = PCAWhitening.fit(x, s.pca_dim, s.whiten)

@@ -105,9 +105,18 @@ def read_revisited_layout(data: Mapping[str, Any], name: str, source: Path,
         vals = g.get(key)
         if vals is None:
             return frozenset()
+        try:
+            vals = list(vals)
+        except TypeError:
+            raise UserError(f"{source}: query {i} ({qimlist[i]}): '{key}' must be a list of "
+                            f"indices, got {vals!r}") from None
         out = []
-        for v in list(vals):
-            j = int(v)
+        for v in vals:
+            try:
+                j = int(v)
+            except (TypeError, ValueError):
+                raise UserError(f"{source}: query {i} ({qimlist[i]}): '{key}' holds {v!r}, "
+                                "not an image index") from None
             if not 0 <= j < n:
                 raise UserError(f"{source}: query {i} ({qimlist[i]}): '{key}' index {j} "
                                 f"outside imlist (size {n})")
