@@ -150,11 +150,11 @@ def main() -> None:
             rows.append(run_variant(a.settings.resolve(), base, models, features, out,
                                     out / "query_words.lmdb", m, st, extra, a.nice, roots))
     text = tables(rows)
-    print(text)
     res = a.results or REPO / "benchmarks" / "results" / f"table1_{s.dataset}.json"
     res.parent.mkdir(parents=True, exist_ok=True)
     res.write_text(json.dumps({"settings": str(a.settings), "run": str(base),
                                "extra": extra, "rows": rows, "markdown": text}, indent=1))
+    print(text)
 
 
 if __name__ == "__main__":
