@@ -109,7 +109,7 @@ def line_plot(path: Path, series: dict[str, tuple[Sequence[float], Sequence[floa
 
     img = Image.new("RGB", size, "white")
     dr = ImageDraw.Draw(img)
-    left, right, top, bottom = 80, size[0] - 20, 40, size[1] - 60
+    left, right, top, bottom = 80, size[0] - 40, 40, size[1] - 60
     xs = [x for v in series.values() for x in v[0]]
     ys = [y for v in series.values() for y in v[1] if y > 0 or not log_y]
     tx = np.log10 if log_x else (lambda a: np.asarray(a, float))
@@ -133,10 +133,13 @@ def line_plot(path: Path, series: dict[str, tuple[Sequence[float], Sequence[floa
         _, yy = px(min(xs), yv)
         dr.line([left - 4, yy, left, yy], fill="black")
         dr.text((4, yy - 6), f"{yv:.3g}", fill="black")
+    last = -1e9
     for xv in sorted(set(xs)):
         xx, _ = px(xv, 10 ** y0 if log_y else y0)
         dr.line([xx, bottom, xx, bottom + 4], fill="black")
-        dr.text((xx - 14, bottom + 8), f"{xv:.3g}", fill="black")
+        if xx - last >= 56:  # label only ticks that do not overlap
+            dr.text((xx - 20, bottom + 8), f"{xv:.3g}", fill="black")
+            last = xx
     colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
     for i, (name, (sx, sy)) in enumerate(series.items()):
         c = colours[i % len(colours)]
@@ -333,7 +336,21 @@ def main(argv: list[str] | None = None) -> None:
         if new:
             w.writeheader()
         w.writerow(row)
-    print(f"wrote {path}")
+    plot_query_cost(path)
+    print(f"wrote {path} and {path.parent / 'query_cost.png'}")
+
+
+def plot_query_cost(path: Path) -> None:
+    """CPU time of ``scores`` against postings touched, every row of the CSV so far."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    pts = sorted((float(r[f"{k}_postings_touched"]), float(r[f"{k}_scores_cpu_ms"]))
+                 for r in rows for k in ("box", "full") if r.get(f"{k}_scores_cpu_ms"))
+    if pts:
+        line_plot(path.parent / "query_cost.png",
+                  {"scores(), CPU ms": ([p[0] for p in pts], [p[1] for p in pts])},
+                  "query cost is linear in the postings touched (one core)",
+                  "postings touched", "ms")
 
 
 if __name__ == "__main__":

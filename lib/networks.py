@@ -360,11 +360,8 @@ def _read_weights_file(network: str, weights_file: Path | None
     return obj, dict(PREPROCESSING[_natural_family(network)])
 
 
-def build_backbone(network: str, weights: str, layers: Sequence[str],
-                   weights_file: Path | None = None) -> Backbone:
-    """``network`` with ``weights`` (a family, see module doc), tapping ``layers``; in
-    eval mode on the CPU. Every problem a user can cause is a one-line UserError."""
-    family = resolve_family(network, weights)
+def check_layers(network: str, layers: Sequence[str]) -> list[str]:
+    """The tapped layers, refused with one line when ``network`` has no such layer."""
     layers = list(layers)
     known = layer_names(network)
     if not layers:
@@ -375,6 +372,15 @@ def build_backbone(network: str, weights: str, layers: Sequence[str],
                             f"(choose from {', '.join(known)})")
     if len(set(layers)) != len(layers):
         raise UserError(f"settings key 'layers': duplicate layer in {layers}")
+    return layers
+
+
+def build_backbone(network: str, weights: str, layers: Sequence[str],
+                   weights_file: Path | None = None) -> Backbone:
+    """``network`` with ``weights`` (a family, see module doc), tapping ``layers``; in
+    eval mode on the CPU. Every problem a user can cause is a one-line UserError."""
+    family = resolve_family(network, weights)
+    layers = check_layers(network, layers)
     if family == "random":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
@@ -426,6 +432,7 @@ def feature_provenance(settings: Mapping[str, Any]) -> dict[str, Any]:
 
     network = settings["network"]
     family = resolve_family(network, settings["weights"])
+    check_layers(network, settings["layers"])  # before any step opens a store
     wf = settings.get("weights_file")
     sha = None
     if family == "random":

@@ -153,7 +153,17 @@ def test_feature_provenance_fields(tmp_path):
                       "resize", "max_side", "antialias", "preprocessing", "precision"}
     f = tmp_path / "w.pth"
     torch.save({"a": torch.ones(1)}, f)
-    p2 = feature_provenance({**s, "network": "vgg16", "weights": "caffe", "weights_file": f,
-                             "resize": "max_side"})
+    p2 = feature_provenance({**s, "network": "vgg16", "layers": ["conv5_1"], "weights": "caffe",
+                             "weights_file": f, "resize": "max_side"})
     assert len(p2["weights_file_sha256"]) == 64 and p2["max_side"] == 1024
     assert p2["preprocessing"]["order"] == "BGR"
+
+
+def test_feature_provenance_refuses_unknown_layer():
+    # every step computes the provenance before it opens a store: an unknown layer must
+    # stop it there (bug: step A left an empty LMDB store behind)
+    s = {"network": "vgg16", "weights": "random", "weights_file": None,
+         "layers": ["s6_expand"], "input_size": [336, 256], "resize": "fixed",
+         "max_side": 1024, "antialias": False, "precision": "fp32"}
+    with pytest.raises(UserError, match="vgg16 has no layer 's6_expand'"):
+        feature_provenance(s)
