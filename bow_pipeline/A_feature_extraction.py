@@ -2,7 +2,8 @@
 """Step A: local CNN feature maps of every database image, into an LMDB feature store.
 
 Input: the settings' database images (the ground truth's database list, gt_format +
-path_gt + path_images, plus path_distractors), the backbone (network, weights,
+path_gt + path_images, plus path_distractors unless stream_distractors is true: then
+step C streams them and keeps only their word maps), the backbone (network, weights,
 weights_file, layers) and the resize rule (resize, input_size, max_side, antialias).
 Portrait images (taller than wide) go in at input_size (e.g. 336x256), all others,
 squares included, at its transpose (256x336); resize = max_side keeps the aspect ratio.
@@ -36,13 +37,15 @@ def main() -> None:
     setup_logging(args.verbose, args.quiet)
 
     def body() -> int:
-        from datasets.groundtruth import load_ground_truth
+        from datasets.groundtruth import DISTRACTOR_PREFIX, load_ground_truth
         from lib.artefacts import output_lock
         from lib.extraction import run_extraction
         from lib.feature_store import FeatureStore
 
         settings = load_from_args(args)
         ids = load_ground_truth(settings).db_ids
+        if settings["stream_distractors"]:  # step C streams them: no float maps on disk
+            ids = [i for i in ids if not i.startswith(DISTRACTOR_PREFIX)]
         path = FeatureStore.path_for(settings)
         with output_lock(settings["path_output"], "A"):
             r = run_extraction(settings, ids, path)

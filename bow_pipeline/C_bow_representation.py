@@ -13,8 +13,16 @@ store are skipped; each batch is one transaction. Then one BoW vector per image
 (``weighting``: centre prior or counts, L2-normalised; ``idf`` optional) goes into the
 inverted file, in database order.
 
+Streaming (stream_distractors = true, for the 100k/1M distractor sets): the distractor
+images (ids "distractors/...", from path_distractors) that are not in the feature store
+are decoded, run through the network and assigned in one pass (lib/streaming.py) before
+the inverted file is built; only their word maps are stored, never their float maps.
+Same checks and resume as above; unreadable distractors are listed in
+assignments.corrupted.txt and left out. Step A then skips the distractors.
+
 Outputs (path_output):
   assignments.lmdb/   word map (H x W, uint16 for K <= 65,536) + original size per image id
+  assignments.corrupted.txt  (streaming only) image_id<TAB>reason of unreadable distractors
   index/              inverted file (see lib/inverted_file.py and the README)
 """
 
@@ -147,6 +155,11 @@ def main() -> None:
             asg = open_assignments(apath, {**expected, **_extra_meta(s)})
             try:
                 sizes = store.sizes() if store is not None else {}
+                if s.assignment == "approximate":
+                    _tune(s, cb, asg, store, pca, sizes, db_ids)
+                streamed = {"streamed": 0, "corrupt": 0}
+                if s.stream_distractors:
+                    streamed = _stream(s, pca, cb, asg, db_ids, sizes)
                 todo = [i for i in db_ids if i not in asg]
                 missing = [i for i in todo if i not in sizes]
                 if missing:
@@ -160,14 +173,6 @@ def main() -> None:
                         raise UserError(f"{fpath}: feature store not found; run step A")
                     reader = LocalFeatureReader(store, list(s.new_dim) if s.new_dim else None,
                                                 l2norm=s.l2norm, pca=pca)
-                if s.assignment == "approximate":
-                    if "ef_search" in asg.meta:
-                        cb.ef_search = int(asg.meta["ef_search"])
-                    elif reader is not None:
-                        agree = cb.tune(tune_sample(reader, sizes, [i for i in db_ids
-                                                                    if i in sizes], s.seed))
-                        asg.set_meta({**asg.meta, "ef_search": cb.ef_search,
-                                      "tuned_agreement": agree})
                 n_new = assign_all(todo, reader, sizes, cb, asg) if todo else 0
                 present = [i for i in db_ids if i in asg]
                 asg.set_meta({**asg.meta, "count": len(asg)})
@@ -182,13 +187,52 @@ def main() -> None:
                                          idf=s.idf)
             finally:
                 asg.close()
-        print(f"C: {n_new} images assigned ({len(present) - n_new} already stored, "
+        if s.stream_distractors:
+            print(f"C: {streamed['streamed']} distractors streamed (extracted + assigned, no "
+                  f"feature maps kept) at {streamed.get('images_per_s', 0.0):.2f} images/s, "
+                  f"{streamed['corrupt']} unreadable")
+        print(f"C: {n_new} images assigned ({len(present) - n_new - streamed['streamed']} "
+              "already stored, "
               f"{len(missing)} missing), {s.assignment} assignment, {cb.k} words -> "
               f"{apath}; inverted file of {inv.n_docs} images -> {out_dir / 'index'} in "
               f"{time.perf_counter() - t0:.1f} s")
         return 0
 
     run_main(body, "C")
+
+
+def _tune(s: Any, cb: Codebook, asg: AssignmentStore, store: Any, pca: Any,
+          sizes: dict[str, tuple[int, int]], db_ids: list[str]) -> None:
+    """Approximate assignment: the HNSW efSearch recorded in the store, or tuned on a
+    fixed sample of stored features (before any streaming, so that streamed and stored
+    images are assigned with the same search)."""
+    from lib.local_features import LocalFeatureReader
+
+    if "ef_search" in asg.meta:
+        cb.ef_search = int(asg.meta["ef_search"])
+        return
+    if store is None or not sizes:
+        return
+    reader = LocalFeatureReader(store, list(s.new_dim) if s.new_dim else None,
+                                l2norm=s.l2norm, pca=pca)
+    agree = cb.tune(tune_sample(reader, sizes, [i for i in db_ids if i in sizes], s.seed))
+    asg.set_meta({**asg.meta, "ef_search": cb.ef_search, "tuned_agreement": agree})
+
+
+def _stream(s: Any, pca: Any, cb: Codebook, asg: AssignmentStore, db_ids: list[str],
+            sizes: dict[str, tuple[int, int]]) -> dict[str, Any]:
+    """stream_distractors: the distractors without stored features go through the
+    network and the codebook in one pass (lib/streaming.py); only word maps are kept."""
+    from datasets.groundtruth import DISTRACTOR_PREFIX
+    from lib.streaming import stream_assignments
+
+    ids = [i for i in db_ids if i.startswith(DISTRACTOR_PREFIX) and i not in sizes]
+    if not ids:
+        return {"streamed": 0, "corrupt": 0}
+    r = stream_assignments(s, ids, pca, cb, asg)
+    log.info("streamed %d distractors at %.1f images/s on %s (%d already assigned)",
+             r["streamed"], r["images_per_s"], r["device"], r["skipped"])
+    return r
 
 
 def _extra_meta(s: Any) -> dict[str, Any]:

@@ -55,7 +55,10 @@ def check_provenance(expected: Mapping[str, Any], meta: Mapping[str, Any], what:
     found = meta.get("provenance")
     if not isinstance(found, Mapping):
         raise ArtefactMismatchError(f"{what}: no feature provenance in its metadata; {hint}")
-    check_fields(expected, found, sorted(expected), what, hint)
+    # the most telling field first: a changed network also changes its layers and
+    # preprocessing, and the message should name the network
+    first = [f for f in ("network", "weights", "layers") if f in expected]
+    check_fields(expected, found, first + sorted(set(expected) - set(first)), what, hint)
 
 
 def check_pca(pca: PCAWhitening, path: Path, settings: Mapping[str, Any],

@@ -568,6 +568,14 @@ def pooling_rankings(settings: Any, gt: Any, out_dir: Any, progress: Any = None)
     from lib.rankings import write_ranking_folder
 
     s = settings
+    if s.get("stream_distractors") and s.get("path_distractors"):
+        # streamed distractors have word maps only: pooling would silently rank them last
+        from lib.errors import UserError
+
+        src = getattr(s, "source", "settings")
+        raise UserError(f"{src}: key 'stream_distractors': the pooling baseline needs "
+                        "the float maps of every database image; run step A with "
+                        "--set stream_distractors=false first")
     method, p, L = s["pooling"], float(s["gem_p"]), int(s.get("rmac_levels", 3))
     layers = list(s["layers"])
     fpath = FeatureStore.path_for(s)

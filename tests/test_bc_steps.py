@@ -162,18 +162,22 @@ def test_approximate_assignment_mode(run_dir, capsys):
         assert len(asg) == len(DB)
 
 
-@pytest.mark.parametrize("key,value", [("input_size", "[80,60]"), ("layers", '["conv5_2"]'),
-                                       ("network", "resnet50"), ("pca_dim", "8"),
-                                       ("n_centers", "10")])
-def test_models_from_other_settings_are_refused(run_dir, capsys, key, value):
+@pytest.mark.parametrize("key,value,extra", [
+    ("input_size", "[80,60]", ()), ("layers", '["conv5_2"]', ()),
+    # another network needs its own layer names (an unknown layer is refused earlier)
+    ("network", "resnet50", ("--set", 'layers=["layer3"]')), ("pca_dim", "8", ()),
+    ("n_centers", "10", ())])
+def test_models_from_other_settings_are_refused(run_dir, capsys, key, value, extra):
     assert step("B_processing_clustering.py", run_dir, capsys=capsys)[0] == 0
-    code, out = step("C_bow_representation.py", run_dir, "--set", f"{key}={value}",
+    code, out = step("C_bow_representation.py", run_dir, "--set", f"{key}={value}", *extra,
                      capsys=capsys)
     assert code == 2
     assert f"field '{key}'" in out and "step B" in out and "Traceback" not in out
     with pytest.raises(ArtefactMismatchError, match=f"field '{key}'"):
-        load_models(settings(run_dir, **{key: json.loads(value) if value[0] in "[0123456789"
-                                         else value}))
+        changes = {key: json.loads(value) if value[0] in "[0123456789" else value}
+        if extra:
+            changes["layers"] = json.loads(extra[1].split("=", 1)[1])
+        load_models(settings(run_dir, **changes))
 
 
 def test_reuse_checks_and_refuses(run_dir, capsys):
