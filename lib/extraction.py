@@ -197,7 +197,7 @@ def run_extraction(settings: Any, image_ids: list[str], store_path: Path | None 
         n_skipped = len(image_ids) - len(todo)
         corrupt: dict[str, str] = {}  # corrupt images are never stored: always retried
         ext = Extractor(settings) if todo else None
-        res = _fill(ext, settings, store, image_ids, stored, todo, corrupt,
+        res = fill_batches(ext, settings, store, image_ids, stored, todo, corrupt,
                     stop_after_batches)
         write_corrupted(path, corrupt.items())
         n_total = len(store)
@@ -220,10 +220,12 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _fill(ext: Extractor | None, settings: Any, store: Any, image_ids: list[str],
-          stored: Mapping[str, tuple[int, int]], todo: list[str], corrupt: dict[str, str],
-          stop_after_batches: int | None) -> dict[str, Any]:
-    """The bucketing loop (see module doc)."""
+def fill_batches(ext: Extractor | None, settings: Any, store: Any, image_ids: list[str],
+                 stored: Mapping[str, tuple[int, int]], todo: list[str],
+                 corrupt: dict[str, str], stop_after_batches: int | None,
+                 desc: str = "A: extracting") -> dict[str, Any]:
+    """The bucketing loop (see module doc). ``store`` is any sink with ``put_many``
+    (the feature store for step A, the assigning sink of the streaming mode)."""
     done: set[str] = set()
     res = {"done": done, "forward_s": 0.0, "loop_s": 0.0, "wait_s": 0.0, "interrupted": False}
     if not todo or ext is None:
@@ -241,7 +243,7 @@ def _fill(ext: Extractor | None, settings: Any, store: Any, image_ids: list[str]
                         prefetch_factor=prefetch)
     buckets: dict[tuple[int, int], list[tuple[str, torch.Tensor | None, Any]]] = {}
     n_batches = 0
-    bar = tqdm(total=len(todo), unit="img", desc="A: extracting", smoothing=0.05)
+    bar = tqdm(total=len(todo), unit="img", desc=desc, smoothing=0.05)
     t0 = time.perf_counter()
 
     pending: list[tuple[str, dict[str, np.ndarray], Any]] = []

@@ -12,7 +12,7 @@ are identical to what A-then-C produces with the same PCA and codebook.
 
 Reuse, not a copy: decoding (DataLoader workers), bucketing by input size, commit
 grouping, exact resume and the corrupt-image handling are step A's own loop
-(:func:`lib.extraction._fill`); this module only swaps the sink that receives finished
+(:func:`lib.extraction.fill_batches`); this module only swaps the sink that receives finished
 batches (a feature store there, an assigner + assignment store here).
 
 Checks: the PCA and codebook must match the settings' feature provenance and training
@@ -151,7 +151,7 @@ def stream_assignments(settings: Mapping[str, Any], image_ids: Sequence[str],
     """Decode, extract, assign and store the word maps of ``image_ids`` (normally the
     distractors) in ``store``, skipping ids already stored. Returns counts and timings.
     ``stop_after_batches`` simulates an interruption after that many batches (tests)."""
-    from lib.extraction import Extractor, _fill
+    from lib.extraction import Extractor, fill_batches
     from lib.feature_store import write_corrupted
 
     t_start = time.perf_counter()
@@ -169,7 +169,8 @@ def stream_assignments(settings: Mapping[str, Any], image_ids: Sequence[str],
     sink = AssigningSink(settings, pca, codebook, store)
     if todo:
         log.info("streaming %d images (%d already assigned)", len(todo), len(stored))
-    res = _fill(ext, settings, sink, ids, stored, todo, corrupt, stop_after_batches)
+    res = fill_batches(ext, settings, sink, ids, stored, todo, corrupt, stop_after_batches,
+                       desc="C: streaming distractors")
     if todo or corrupt:
         write_corrupted(store.path, corrupt.items())
     loop_s = res["loop_s"]
