@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from lib.artefacts import atomic_path, read_json, write_json_atomic
 from lib.errors import UserError
@@ -90,11 +91,15 @@ class PCAWhitening:
             mean += x[s:s + _CHUNK].sum(axis=0, dtype=np.float64)
         mean /= n
         cov = np.zeros((D, D), np.float64)
-        for s in range(0, n, _CHUNK):
-            c = x[s:s + _CHUNK].astype(np.float64) - mean
-            cov += c.T @ c
-        cov /= n - 1
-        vals, vecs = np.linalg.eigh(cov)  # ascending
+        # one BLAS/LAPACK thread: multi-threaded reductions round differently with the
+        # thread count, which made two runs with the same seed differ in the last bits
+        # (and so in every hash downstream); the cost is a few seconds at 2M x 512
+        with threadpool_limits(limits=1):
+            for s in range(0, n, _CHUNK):
+                c = x[s:s + _CHUNK].astype(np.float64) - mean
+                cov += c.T @ c
+            cov /= n - 1
+            vals, vecs = np.linalg.eigh(cov)  # ascending
         order = np.argsort(vals)[::-1][:dim]
         variances = np.maximum(vals[order], 0.0)
         comps = vecs[:, order].T.copy()
