@@ -75,7 +75,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=json_default) + "\n")
 
 
 def save_npy_atomic(path: str | os.PathLike, arr: np.ndarray) -> None:
@@ -96,6 +96,11 @@ def load_npy(path: str | os.PathLike, mmap: bool = False) -> np.ndarray:
         raise UserError(f"{path}: unreadable or truncated .npy file ({e})") from None
 
 
+def sidecar(path: str | os.PathLike) -> Path:
+    """The JSON metadata file that travels with an artefact: ``<stem>.json``."""
+    return Path(path).with_suffix(".json")
+
+
 def read_json(path: str | os.PathLike, what: str = "file") -> Any:
     path = Path(path)
     if not path.exists():
@@ -106,7 +111,8 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
         raise UserError(f"{path}: not valid JSON ({e})") from None
 
 
-def _json_default(o: Any) -> Any:
+def json_default(o: Any) -> Any:
+    """``json.dumps`` default for numpy scalars/arrays and paths."""
     if isinstance(o, np.generic):
         return o.item()
     if isinstance(o, np.ndarray):
@@ -121,7 +127,7 @@ def _json_default(o: Any) -> Any:
 
 def canonical_hash(obj: Any, length: int = 16) -> str:
     """Stable short hash of a JSON-able object (key order does not matter)."""
-    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default)
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=json_default)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:length]
 
 
@@ -156,7 +162,7 @@ def check_fields(
 
 def _norm(v: Any) -> Any:
     # JSON round trips turn tuples into lists; compare structurally.
-    return json.loads(json.dumps(v, sort_keys=True, default=_json_default))
+    return json.loads(json.dumps(v, sort_keys=True, default=json_default))
 
 
 # --------------------------------------------------------------------------- locking

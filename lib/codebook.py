@@ -24,7 +24,7 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from lib.artefacts import load_npy, read_json, save_npy_atomic, write_json_atomic
+from lib.artefacts import load_npy, read_json, save_npy_atomic, sidecar, write_json_atomic
 from lib.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -44,10 +44,6 @@ DEFAULT_EF_SEARCH = 64
 EF_LADDER = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024)
 
 Assigner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # x -> (word, sq. dist)
-
-
-def sidecar(path: Path) -> Path:
-    return Path(path).with_suffix(".json")
 
 
 @contextlib.contextmanager

@@ -49,6 +49,7 @@ from tqdm import tqdm
 
 from lib.artefacts import atomic_path, check_fields, load_npy, read_json
 from lib.errors import UserError
+from lib.rankings import rank_scores  # the tie rule lives with the ranking folders
 
 log = logging.getLogger(__name__)
 
@@ -517,23 +518,6 @@ class InvertedFile:
         scores. O(n_docs) instead of a full sort."""
         s = self.scores(q)
         return top_k(s, k), s
-
-
-def rank_scores(s: np.ndarray) -> np.ndarray:
-    """Indices by descending score, ties by index (= database order).
-
-    For non-negative float32 scores (every BoW score) the bit pattern is monotonic, so
-    one sort of unique uint64 keys ``(~bits << 32) | index`` gives the stable order
-    1.3-2x faster than a stable argsort (numpy's SIMD sort); other input falls back."""
-    s = np.asarray(s)
-    n = s.size
-    if s.dtype != np.float32 or n == 0 or n >= 1 << 32 or not s.min() >= 0:
-        return np.argsort(-s, kind="stable").astype(np.int64)
-    bits = (s + np.float32(0.0)).view(np.uint32)  # + 0.0 turns -0.0 into +0.0
-    key = (~bits).astype(np.uint64) << np.uint64(32)
-    key |= np.arange(n, dtype=np.uint64)
-    key.sort()
-    return (key & np.uint64(0xFFFFFFFF)).astype(np.int64)
 
 
 def top_k(s: np.ndarray, k: int) -> np.ndarray:

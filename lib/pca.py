@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from lib.artefacts import atomic_path, read_json, write_json_atomic
+from lib.artefacts import atomic_path, read_json, sidecar, write_json_atomic
 from lib.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -31,11 +31,6 @@ _CHUNK = 65536  # rows per float64 block while accumulating moments
 # rounding noise up to the size of real components (sklearn does divide; this is the one
 # place where we differ from it, and only for such degenerate components)
 _VAR_FLOOR = 1e-6
-
-
-def sidecar(path: Path) -> Path:
-    """The JSON metadata file that travels with an artefact: ``<stem>.json``."""
-    return Path(path).with_suffix(".json")
 
 
 class PCAWhitening:

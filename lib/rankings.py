@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from lib.artefacts import _json_default, atomic_path, load_npy, read_json
+from lib.artefacts import atomic_path, json_default, load_npy, read_json
 from lib.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -44,9 +44,29 @@ class Rankings:
 
 
 def rank_scores(scores: np.ndarray) -> np.ndarray:
-    """Database indices by descending score, ties in database order (stable sort)."""
+    """Database indices by descending score, ties in database order (stable sort); a 2-D
+    array is ranked row by row."""
     s = np.asarray(scores)
-    return np.argsort(-s, axis=-1, kind="stable")
+    if s.ndim == 2:
+        return np.stack([_rank_1d(row) for row in s]) if len(s) else s.astype(np.int64)
+    return _rank_1d(s)
+
+
+def _rank_1d(s: np.ndarray) -> np.ndarray:
+    """Indices by descending score, ties by index (= database order).
+
+    For non-negative float32 scores (every BoW score) the bit pattern is monotonic, so
+    one sort of unique uint64 keys ``(~bits << 32) | index`` gives the stable order
+    1.3-2x faster than a stable argsort (numpy's SIMD sort); other input falls back."""
+    s = np.asarray(s)
+    n = s.size
+    if s.dtype != np.float32 or n == 0 or n >= 1 << 32 or not s.min() >= 0:
+        return np.argsort(-s, kind="stable").astype(np.int64)
+    bits = (s + np.float32(0.0)).view(np.uint32)  # + 0.0 turns -0.0 into +0.0
+    key = (~bits).astype(np.uint64) << np.uint64(32)
+    key |= np.arange(n, dtype=np.uint64)
+    key.sort()
+    return (key & np.uint64(0xFFFFFFFF)).astype(np.int64)
 
 
 def _check_query_name(name: str) -> None:
@@ -90,11 +110,11 @@ def write_ranking_folder(out_dir: Path, query_names: list[str], db_ids: list[str
         with open(tmp / "scores.npy", "wb") as fh:
             np.save(fh, scores, allow_pickle=False)
         (tmp / "ranking.json").write_text(
-            json.dumps(meta, indent=2, sort_keys=True, default=_json_default) + "\n",
+            json.dumps(meta, indent=2, sort_keys=True, default=json_default) + "\n",
             encoding="utf-8")
         if localisations is not None:
             (tmp / "localisations.json").write_text(
-                json.dumps(localisations, indent=1, default=_json_default) + "\n",
+                json.dumps(localisations, indent=1, default=json_default) + "\n",
                 encoding="utf-8")
         _fsync_tree(tmp)
     log.info("wrote %d ranked lists to %s", nq, out_dir)

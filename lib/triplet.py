@@ -231,9 +231,9 @@ def _plain(obj: Any) -> Any:
     paths become str/int/float): ``weights_only`` loading refuses any other class."""
     import json
 
-    from lib.artefacts import _json_default
+    from lib.artefacts import json_default
 
-    return json.loads(json.dumps(obj, default=lambda o: _safe_default(o, _json_default)))
+    return json.loads(json.dumps(obj, default=lambda o: _safe_default(o, json_default)))
 
 
 def _safe_default(o: Any, fallback: Callable[[Any], Any]) -> Any:
