@@ -1,10 +1,12 @@
 """Benchmark: word assignment throughput (local features / s) against a K-word codebook,
-exact (FAISS brute force) vs approximate (HNSW over the centroids), and the agreement of
-the approximate words with the exact ones.
+exact (FAISS brute force) vs approximate (the PQ fast-scan shortlist re-ranked exactly,
+``lib.codebook``), and the agreement of the approximate words with the exact ones. An
+HNSW graph over the centroids (FAISS ``IndexHNSWFlat``, M = 32, this project's previous
+approximate search) is timed alongside for comparison.
 
-The approximate mode's efSearch is tuned the way step C tunes it (``Codebook.tune`` on a
-separate sample, target 97 % agreement); the table then shows the whole speed/agreement
-curve. Exact and approximate timings alternate (``--repeats`` rotations); medians and
+The shortlist length is tuned the way step C tunes it (``Codebook.tune`` on a separate
+sample, target 97 % agreement); the tables then show the whole speed/agreement curves.
+Exact, approximate and HNSW timings alternate (``--repeats`` rotations); medians and
 ratios are printed.
 
 Data: synthetic clustered L2-PCA-L2 features by default (``bench_kmeans.
@@ -24,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -31,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_kmeans import synthetic_features
 
-from lib.codebook import EF_LADDER, Codebook, build_hnsw, train_kmeans
+from lib.codebook import CANDIDATE_LADDER, Codebook, pq_layout, train_kmeans
 
 
 def real_data(store_path: Path, new_dim: list[int] | None, n_train: int, n_query: int,
@@ -112,13 +115,25 @@ def main() -> None:
     exact = Codebook(cents, "exact")
     approx = Codebook(cents, "approximate")
     t = time.perf_counter()
-    approx._hnsw = build_hnsw(approx.centroids)
-    print(f"HNSW build (1 thread): {time.perf_counter() - t:.1f} s")
     agree_tune = approx.tune(tune, a.target)
-    ef = approx.ef_search
+    nc = approx.n_candidates
+    d_pad, m = pq_layout(dim)
+    print(f"shortlist: PQ {m}x4 fast scan over {d_pad}-D; tuned on {len(tune)} features to "
+          f"{nc} candidates ({agree_tune:.4f} agreement) in {time.perf_counter() - t:.1f} s "
+          "(index build + tuning)")
+    hnsw = faiss.IndexHNSWFlat(dim, 32)
+    hnsw.hnsw.efConstruction = 40
+    hnsw.add(np.ascontiguousarray(cents, np.float32))
     ref = exact.assign(q)
+    hnsw_ef = 16
+    for ef in (8, 12, 16, 24, 32, 48, 64, 96, 128, 256):
+        hnsw.hnsw.efSearch = ef
+        hnsw_ef = ef
+        if np.mean(hnsw.search(tune, 1)[1][:, 0] == exact.assign(tune)) >= a.target:
+            break
+    hnsw.hnsw.efSearch = hnsw_ef
 
-    te, ta = [], []
+    te, ta, th = [], [], []
     for _ in range(a.repeats):
         t = time.perf_counter()
         exact.assign(q)
@@ -126,18 +141,23 @@ def main() -> None:
         t = time.perf_counter()
         w = approx.assign(q)
         ta.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        wh = hnsw.search(q, 1)[1][:, 0]
+        th.append(time.perf_counter() - t)
     agree = float(np.mean(w == ref))
-    re, ra = len(q) / statistics.median(te), len(q) / statistics.median(ta)
-    print(f"exact:       {re:10.0f} features/s")
-    print(f"approximate: {ra:10.0f} features/s (efSearch {ef}, tuned to {agree_tune:.4f} on "
-          f"the tuning sample), agreement {agree:.4f}, speed-up x{ra / re:.2f}")
-    print(f"{'efSearch':>8s} {'features/s':>11s} {'x exact':>8s} {'agreement':>10s}")
-    for e in EF_LADDER[:9]:
-        approx.ef_search = e
+    re, ra, rh = (len(q) / statistics.median(x) for x in (te, ta, th))
+    print(f"exact:       {re:10.0f} features/s (median of {a.repeats})")
+    print(f"approximate: {ra:10.0f} features/s ({nc} candidates), agreement {agree:.4f}, "
+          f"speed-up x{ra / re:.2f}")
+    print(f"HNSW:        {rh:10.0f} features/s (efSearch {hnsw_ef}, tuned the same way), "
+          f"agreement {np.mean(wh == ref):.4f}, speed-up x{rh / re:.2f}")
+    print(f"{'candidates':>10s} {'features/s':>11s} {'x exact':>8s} {'agreement':>10s}")
+    for n in CANDIDATE_LADDER[:9]:
+        approx.n_candidates = n
         t = time.perf_counter()
         w = approx.assign(q)
         r = len(q) / (time.perf_counter() - t)
-        print(f"{e:8d} {r:11.0f} {r / re:8.2f} {np.mean(w == ref):10.4f}")
+        print(f"{n:10d} {r:11.0f} {r / re:8.2f} {np.mean(w == ref):10.4f}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Benchmark: k-means for the vocabulary, exact FAISS Lloyd vs approximate (HNSW) vs
+"""Benchmark: k-means for the vocabulary, exact FAISS Lloyd vs approximate (PQ shortlist) vs
 scikit-learn MiniBatchKMeans, on the same sample: wall time and final objective (sum of
 squared distances to the exact nearest centroid, recomputed the same way for all three).
 
@@ -105,7 +105,7 @@ def main() -> None:
 
     methods = {
         "faiss exact": lambda: train_kmeans(x, a.k, a.niter, a.seed, "exact", "cpu"),
-        "approximate (HNSW)": lambda: train_kmeans(x, a.k, a.niter, a.seed, "approximate"),
+        "approximate (PQ shortlist)": lambda: train_kmeans(x, a.k, a.niter, a.seed, "approximate"),
         "sklearn MiniBatchKMeans": sklearn_run,
     }
     times: dict[str, list[float]] = {m: [] for m in methods}

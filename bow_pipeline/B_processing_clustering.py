@@ -7,9 +7,10 @@ fit, else a seeded per-image sample), at the native map size (``train_on = nativ
 original) or upsampled to ``new_dim`` (``train_on = upsampled``).
 
 Work: L2 -> fit PCA-whitening (pca_dim, whiten) -> L2 -> k-means with n_centers words
-(``kmeans``: exact FAISS Lloyd, on CUDA when present, or approximate HNSW), kmeans_iter
-iterations, seed ``seed``. TRAIN_PCA / TRAIN_CENTROIDS false reuse the existing file in
-``path_models`` after checking it against the settings.
+(``kmeans``: exact FAISS Lloyd, on CUDA when present, or approximate: a PQ fast-scan
+shortlist re-ranked exactly), kmeans_iter iterations, seed ``seed``. TRAIN_PCA /
+TRAIN_CENTROIDS false reuse the existing file in ``path_models`` after checking it
+against the settings.
 
 Outputs (``path_models``, default <path_output>/models):
   pca.npz + pca.json            mean, components, variances, whiten flag (no pickle) + metadata

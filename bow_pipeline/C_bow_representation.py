@@ -7,11 +7,11 @@ stops with the field named.
 
 Work: for each database image, its maps upsampled to ``new_dim`` (bilinear, aligned
 corners) -> local features L2 -> PCA-whitening -> L2 -> nearest word, exact or
-approximate (``assignment``; the approximate HNSW search is tuned on a sample to agree
-with exact search on >= 97 % of features). Resumable: images already in the assignment
-store are skipped; each batch is one transaction. Then one BoW vector per image
-(``weighting``: centre prior or counts, L2-normalised; ``idf`` optional) goes into the
-inverted file, in database order.
+approximate (``assignment``; the approximate search, a PQ fast-scan shortlist re-ranked
+exactly, is tuned on a sample to agree with exact search on >= 97 % of features).
+Resumable: images already in the assignment store are skipped; each batch is one
+transaction. Then one BoW vector per image (``weighting``: centre prior or counts,
+L2-normalised; ``idf`` optional) goes into the inverted file, in database order.
 
 Streaming (stream_distractors = true, for the 100k/1M distractor sets): the distractor
 images (ids "distractors/...", from path_distractors) that are not in the feature store
@@ -53,7 +53,7 @@ from lib.models import check_provenance, expected_provenance, load_models
 
 log = logging.getLogger("blcf.C")
 BATCH_IMAGES = 32  # images per assignment call and per LMDB transaction
-TUNE_FEATURES = 4000  # features used to tune (and report) approximate agreement
+TUNE_FEATURES = 10000  # features used to tune (and report) approximate agreement
 RESUME_FIELDS = ("provenance", "new_dim", "l2norm", "pca_hash", "codebook_hash",
                  "n_centers", "assignment")
 
@@ -203,20 +203,23 @@ def main() -> None:
 
 def _tune(s: Any, cb: Codebook, asg: AssignmentStore, store: Any, pca: Any,
           sizes: dict[str, tuple[int, int]], db_ids: list[str]) -> None:
-    """Approximate assignment: the HNSW efSearch recorded in the store, or tuned on a
+    """Approximate assignment: the shortlist length recorded in the store, or tuned on a
     fixed sample of stored features (before any streaming, so that streamed and stored
     images are assigned with the same search)."""
     from lib.local_features import LocalFeatureReader
 
-    if "ef_search" in asg.meta:
-        cb.ef_search = int(asg.meta["ef_search"])
+    if "ef_search" in asg.meta:  # written by the HNSW search this project used before
+        raise UserError(f"{AssignmentStore.path_for(s)}: made by an older approximate search "
+                        "(HNSW); delete it and rerun step C")
+    if "n_candidates" in asg.meta:
+        cb.n_candidates = int(asg.meta["n_candidates"])
         return
     if store is None or not sizes:
         return
     reader = LocalFeatureReader(store, list(s.new_dim) if s.new_dim else None,
                                 l2norm=s.l2norm, pca=pca)
     agree = cb.tune(tune_sample(reader, sizes, [i for i in db_ids if i in sizes], s.seed))
-    asg.set_meta({**asg.meta, "ef_search": cb.ef_search, "tuned_agreement": agree})
+    asg.set_meta({**asg.meta, "n_candidates": cb.n_candidates, "tuned_agreement": agree})
 
 
 def _stream(s: Any, pca: Any, cb: Codebook, asg: AssignmentStore, db_ids: list[str],

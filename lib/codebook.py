@@ -2,8 +2,8 @@
 
 Why our own Lloyd loop around FAISS instead of ``faiss.Kmeans``: one loop serves the
 three assignment back-ends (FAISS brute force on the CPU, a torch matrix product on
-CUDA, an HNSW graph over the centroids for the approximate mode that stands in for the
-original's VLFeat ANN k-means), reports progress with an ETA, and updates the centroids
+CUDA, and the approximate search that stands in for the original's VLFeat ANN k-means),
+reports progress with an ETA, and updates the centroids
 deterministically (sorted segment sums accumulated in float64), so a fixed seed gives
 the same codebook bit for bit on the CPU. Initialisation is FAISS's and VLFeat's
 ``random``: ``k`` distinct training points drawn with the seed. Empty clusters are
@@ -33,15 +33,21 @@ MODES = ("exact", "approximate")
 _CHUNK = 32768  # query rows per assignment call (bounds the distance block)
 _SPLIT_EPS = 1.0 / 1024.0  # relative perturbation when splitting a cluster (as FAISS)
 
-# HNSW over the centroids: graph degree, build effort, search effort used in k-means
-# (VLFeat's ANN k-means tolerated rough assignments too) and the default for
-# Codebook.assign before tune() picks one for the data at hand.
-HNSW_M = 32
-HNSW_EF_CONSTRUCTION = 40
-KMEANS_HNSW_M = 16
-KMEANS_EF_SEARCH = 16
-DEFAULT_EF_SEARCH = 64
-EF_LADDER = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024)
+# The approximate search: a 4-bit product quantiser over the centroids (FAISS fast scan,
+# PQ_DSUB dimensions per sub-quantiser) shortlists ``n_candidates`` words per feature and
+# the shortlist is re-ranked by exact distance (IndexRefineFlat). PQ_DSUB = 8 from 256-D
+# up; smaller features get 4-, 2- or 1-D sub-quantisers so that there are at least 32
+# (a coarser code shortlists badly). Why not HNSW (used
+# before): whitened conv features are close to isotropic, so a graph needs a few hundred
+# full 512-D distances per feature for 97 % agreement, only ~2x cheaper than blocked
+# brute force; the fast scan reads 32 bytes per word from registers-resident tables and
+# measured ~9x at the same agreement (benchmarks/bench_assignment.py).
+PQ_DSUB = 8
+PQ_MIN_M = 32
+APPROX_MIN_K = 1024  # below this brute force costs as little: approximate = exact
+DEFAULT_CANDIDATES = 64  # Codebook.assign before tune() picks one for the data at hand
+KMEANS_CANDIDATES = 16  # k-means tolerates rough assignments (VLFeat's ANN k-means too)
+CANDIDATE_LADDER = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024)
 
 Assigner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # x -> (word, sq. dist)
 
@@ -56,16 +62,43 @@ def _faiss_threads(n: int) -> Iterator[None]:
         faiss.omp_set_num_threads(old)
 
 
-def build_hnsw(centroids: np.ndarray, m: int = HNSW_M,
-               ef_construction: int = HNSW_EF_CONSTRUCTION) -> faiss.IndexHNSWFlat:
-    """HNSW graph over the centroids. Built on one thread: FAISS's parallel insertion
-    order varies between runs, which would make approximate assignments (and so a
-    resumed step C) differ from run to run."""
-    idx = faiss.IndexHNSWFlat(centroids.shape[1], m)
-    idx.hnsw.efConstruction = ef_construction
+def _pad(x: np.ndarray, d_pad: int) -> np.ndarray:
+    """Zero columns up to ``d_pad`` dimensions (L2 distances are unchanged)."""
+    x = np.ascontiguousarray(x, np.float32)
+    if x.shape[1] == d_pad:
+        return x
+    out = np.zeros((x.shape[0], d_pad), np.float32)
+    out[:, :x.shape[1]] = x
+    return out
+
+
+def pq_layout(dim: int) -> tuple[int, int]:
+    """(padded dimension, sub-quantisers) of the shortlist's product quantiser."""
+    dsub = PQ_DSUB
+    while dsub > 1 and dim // dsub < PQ_MIN_M:
+        dsub //= 2
+    d_pad = -(-dim // dsub) * dsub
+    return d_pad, d_pad // dsub
+
+
+def build_shortlist_index(centroids: np.ndarray, n_candidates: int
+                          ) -> tuple[faiss.IndexRefineFlat, faiss.IndexPQFastScan]:
+    """PQ fast-scan shortlist + exact re-ranking over the centroids (dimensions padded
+    with zeros to a multiple of the sub-quantiser size, :func:`pq_layout`). The quantiser is trained on the
+    centroids themselves, on one thread with a fixed seed, so the same codebook always
+    gives the same index and the same words. Returns (refine index, its PQ base): the
+    caller keeps both alive (the refine index does not own its base)."""
+    c = np.ascontiguousarray(centroids, np.float32)
+    d_pad, m = pq_layout(c.shape[1])
+    cp = _pad(c, d_pad)
+    base = faiss.IndexPQFastScan(d_pad, m, 4)
+    base.pq.cp.seed = 1234
     with _faiss_threads(1):
-        idx.add(np.ascontiguousarray(centroids, np.float32))
-    return idx
+        base.train(cp)
+    idx = faiss.IndexRefineFlat(base)
+    idx.add(cp)
+    idx.k_factor = float(n_candidates)
+    return idx, base
 
 
 def resolve_device(device: str) -> str:
@@ -141,14 +174,26 @@ def _torch_search(centroids: np.ndarray, tf32: bool) -> Callable[[np.ndarray],
     return search
 
 
-def _make_search(centroids: np.ndarray, mode: str, device: str, ef_search: int,
-                 tf32: bool = False, m: int = HNSW_M
+def _shortlist_search(built: tuple[faiss.IndexRefineFlat, faiss.IndexPQFastScan]
+                      ) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    idx, base = built
+    inner = _faiss_search(idx)
+    d_pad = idx.d
+
+    def search(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return inner(_pad(q, d_pad))
+
+    search.index = idx  # type: ignore[attr-defined]
+    search.base = base  # type: ignore[attr-defined]
+    return search
+
+
+def _make_search(centroids: np.ndarray, mode: str, device: str, n_candidates: int,
+                 tf32: bool = False
                  ) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
     centroids = np.ascontiguousarray(centroids, np.float32)
-    if mode == "approximate":
-        idx = build_hnsw(centroids, m)
-        idx.hnsw.efSearch = ef_search
-        return _faiss_search(idx)
+    if mode == "approximate" and centroids.shape[0] >= APPROX_MIN_K:
+        return _shortlist_search(build_shortlist_index(centroids, n_candidates))
     if device == "cuda":
         if _faiss_gpus() > 0:  # pragma: no cover - needs faiss-gpu
             res = faiss.StandardGpuResources()
@@ -247,8 +292,10 @@ def train_kmeans(x: np.ndarray, k: int, niter: int, seed: int, mode: str = "exac
     """Lloyd's k-means on the rows of ``x`` -> (k, D) float32 centroids.
 
     ``mode='exact'``: brute-force assignment (FAISS ``IndexFlatL2`` on the CPU; on CUDA
-    FAISS-GPU when installed, else a torch tf32 matrix product). ``'approximate'``: an
-    HNSW graph over the current centroids answers the assignment step (CPU). Progress
+    FAISS-GPU when installed, else a torch tf32 matrix product). ``'approximate'``: the
+    PQ fast-scan shortlist of :data:`KMEANS_CANDIDATES` words re-ranked exactly, rebuilt
+    over the current centroids every iteration (CPU), and a point keeps its previous
+    word when the shortlist found nothing closer. Progress
     and ETA go to a tqdm bar; the final objective is logged and kept in
     ``train_kmeans.last_stats``."""
     if mode not in MODES:
@@ -277,8 +324,7 @@ def train_kmeans(x: np.ndarray, k: int, niter: int, seed: int, mode: str = "exac
             if gpu_step is not None:  # pragma: no cover - needs CUDA
                 sums, counts, objective = gpu_step(cent)
             else:
-                search = _make_search(cent, mode, dev, KMEANS_EF_SEARCH, tf32=True,
-                                      m=KMEANS_HNSW_M)
+                search = _make_search(cent, mode, dev, KMEANS_CANDIDATES, tf32=True)
                 words, dist = _chunked(search, x, bar)
                 if mode == "approximate" and prev is not None:
                     _keep_better_previous(x, cent, prev, words, dist)
@@ -317,7 +363,8 @@ def kmeans_objective(x: np.ndarray, centroids: np.ndarray) -> float:
 
 
 class Codebook:
-    """K visual words and nearest-word assignment (exact or HNSW)."""
+    """K visual words and nearest-word assignment (exact, or the PQ fast-scan shortlist
+    re-ranked exactly; ``n_candidates`` = shortlist length, set by :meth:`tune`)."""
 
     def __init__(self, centroids: np.ndarray, mode: str = "exact",
                  meta: dict[str, Any] | None = None, device: str = "cpu") -> None:
@@ -330,10 +377,10 @@ class Codebook:
         self.mode = mode
         self.meta: dict[str, Any] = dict(meta or {})
         self.device = "cpu" if mode == "approximate" else resolve_device(device)
-        self.ef_search = DEFAULT_EF_SEARCH
+        self.n_candidates = DEFAULT_CANDIDATES
         self._search: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
         self._exact: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
-        self._hnsw: faiss.IndexHNSWFlat | None = None
+        self._shortlist: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
 
     @property
     def k(self) -> int:
@@ -351,10 +398,13 @@ class Codebook:
     def _searcher(self) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
         if self.mode == "exact":
             return self._exact_search()
-        if self._hnsw is None:
-            self._hnsw = build_hnsw(self.centroids)
-        self._hnsw.hnsw.efSearch = self.ef_search
-        return _faiss_search(self._hnsw)
+        if self.k < APPROX_MIN_K:
+            return self._exact_search()
+        if self._shortlist is None:
+            self._shortlist = _make_search(self.centroids, "approximate", "cpu",
+                                           self.n_candidates)
+        self._shortlist.index.k_factor = float(self.n_candidates)  # type: ignore[attr-defined]
+        return self._shortlist
 
     def assign(self, x: np.ndarray) -> np.ndarray:
         """Nearest word (int64) of each row of ``x`` (n, D)."""
@@ -371,20 +421,20 @@ class Codebook:
         return _chunked(self._exact_search(), np.asarray(x, np.float32))[0]
 
     def tune(self, sample: np.ndarray, target: float = 0.97) -> float:
-        """Approximate mode: the smallest HNSW ``efSearch`` on :data:`EF_LADDER` whose
+        """Approximate mode: the shortest shortlist on :data:`CANDIDATE_LADDER` whose
         assignments agree with exact search on ``target`` of ``sample``; returns the
         agreement reached (1.0 in exact mode)."""
         if self.mode == "exact" or len(sample) == 0:
             return 1.0
         ref = self.exact_assign(sample)
         agree = 0.0
-        for ef in EF_LADDER:
-            self.ef_search = ef
+        for n in CANDIDATE_LADDER:
+            self.n_candidates = n
             agree = float(np.mean(self.assign(sample) == ref))
             if agree >= target:
                 break
-        log.info("HNSW efSearch %d: agreement with exact %.4f on %d features",
-                 self.ef_search, agree, len(sample))
+        log.info("approximate search with %d candidates: agreement with exact %.4f on %d "
+                 "features", self.n_candidates, agree, len(sample))
         return agree
 
     # ------------------------------------------------------------------ I/O

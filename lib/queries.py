@@ -381,6 +381,9 @@ class QueryEncoder:
 
         self.s = settings
         self.pca, self.codebook = load_models(settings)
+        if db_store is not None and "n_candidates" in db_store.meta:
+            # the approximate search as tuned for the database (step C)
+            self.codebook.n_candidates = int(db_store.meta["n_candidates"])
         self.n_words = int(self.codebook.k)
         self.variants = list(variants_for(int(settings["augmentation"])))
         self.meta = assignment_meta(settings, self.pca, self.codebook)

@@ -122,12 +122,14 @@ SCHEMA: tuple[Key, ...] = (
         "on instead of this dataset's own (revisited protocol: train on the other city)",
         "B", nullable=True, must_exist=True),
     Key("kmeans", "str", "exact", "exact: FAISS Lloyd with brute-force assignment; "
-        "approximate: HNSW over the centroids for the assignment step (VLFeat-ANN-like)", "B",
+        "approximate: a PQ fast-scan shortlist of 16 words, re-ranked exactly, answers "
+        "each assignment step (VLFeat-ANN-like)", "B",
         choices=("exact", "approximate")),
     Key("kmeans_iter", "int", 20, "k-means iterations", "B"),
     Key("seed", "int", 0, "seed for every random choice (sampling, k-means init)", "B"),
     # ---- step C
-    Key("assignment", "str", "exact", "nearest-word search: exact or approximate (HNSW)",
+    Key("assignment", "str", "exact", "nearest-word search: exact or approximate (a PQ "
+        "fast-scan shortlist re-ranked exactly, tuned to 97 % agreement)",
         "C", choices=("exact", "approximate")),
     Key("weighting", "str", "centre_prior", "database word weights: centre_prior (Oxford/"
         "Paris in the paper) or counts (TRECVid)", "C", choices=("centre_prior", "counts")),

@@ -159,7 +159,14 @@ def test_approximate_assignment_mode(run_dir, capsys):
     s = settings(run_dir)
     with AssignmentStore(AssignmentStore.path_for(s)) as asg:
         assert asg.meta["assignment"] == "approximate" and asg.meta["tuned_agreement"] >= 0.97
+        assert "n_candidates" in asg.meta
         assert len(asg) == len(DB)
+    # a store made by the earlier HNSW search is refused in one line, not mixed with new maps
+    with AssignmentStore(AssignmentStore.path_for(s), readonly=False) as asg:
+        asg.set_meta({**asg.meta, "ef_search": 24})
+    code, out = step("C_bow_representation.py", run_dir, "--set", "kmeans=approximate",
+                     "--set", "assignment=approximate", capsys=capsys)
+    assert code == 2 and "older approximate search (HNSW)" in out
 
 
 @pytest.mark.parametrize("key,value,extra", [

@@ -1,5 +1,5 @@
 """k-means reproducibility and quality, exact assignment against brute force, the
-approximate (HNSW) mode and the codebook file format."""
+approximate mode (PQ fast-scan shortlist re-ranked exactly) and the codebook file format."""
 
 from __future__ import annotations
 
@@ -92,18 +92,63 @@ def test_exact_assignment_against_brute_force():
         cb.assign(np.zeros((3, 12), np.float32))
 
 
+def _isotropic(n: int, d: int, seed: int) -> np.ndarray:
+    """L2-normalised Gaussian rows: whitened conv features are close to isotropic, the
+    hard case for approximate nearest-neighbour search."""
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
 def test_approximate_assignment_agrees_after_tuning():
-    x, _ = _blobs(4000, d=32, k=40, seed=2)
-    cents = train_kmeans(x, 200, niter=3, seed=0, device="cpu")
+    from lib.codebook import APPROX_MIN_K, CANDIDATE_LADDER
+
+    cents = _isotropic(2000, 36, 1) * 1.1  # 36-D: 36 sub-quantisers of 1-D
+    x = _isotropic(6000, 36, 2)
+    assert len(cents) >= APPROX_MIN_K
     cb = Codebook(cents, mode="approximate")
-    agree = cb.tune(x[:1000], target=0.97)
-    assert agree >= 0.97
-    w = cb.assign(x[1000:])
-    assert np.mean(w == _brute(x[1000:], cents)) >= 0.95
-    # deterministic: a second codebook (graph rebuilt) gives the same words
+    agree = cb.tune(x[:2000], target=0.97)
+    assert agree >= 0.97 and cb.n_candidates in CANDIDATE_LADDER
+    assert cb.n_candidates < len(cents) // 4  # a real shortlist, not brute force
+    w = cb.assign(x[2000:])
+    assert np.mean(w == _brute(x[2000:], cents)) >= 0.95
+    # deterministic: a rebuilt index, other chunk boundaries and one thread give the same
+    faiss = pytest.importorskip("faiss")
     cb2 = Codebook(cents, mode="approximate")
-    cb2.ef_search = cb.ef_search
-    np.testing.assert_array_equal(cb2.assign(x[1000:]), w)
+    cb2.n_candidates = cb.n_candidates
+    old = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        parts = [cb2.assign(x[s:s + 777]) for s in range(2000, 6000, 777)]
+    finally:
+        faiss.omp_set_num_threads(old)
+    np.testing.assert_array_equal(np.concatenate(parts), w)
+
+
+def test_approximate_with_full_shortlist_is_exact():
+    # re-ranking every word exactly must give the brute-force answer (padding included)
+    cents = _isotropic(1500, 99, 3)  # 99-D: padded to 100 (2-D sub-quantisers)
+    x = _isotropic(800, 99, 4)
+    cb = Codebook(cents, mode="approximate")
+    cb.n_candidates = len(cents)
+    np.testing.assert_array_equal(cb.assign(x), _brute(x, cents))
+
+
+def test_small_codebooks_assign_exactly_in_approximate_mode():
+    x, _ = _blobs(500, d=8, k=5, seed=9)
+    c = x[:300]
+    cb = Codebook(c, mode="approximate")
+    np.testing.assert_array_equal(cb.assign(x), _brute(x, c))
+    assert cb.tune(x[:100]) == 1.0
+
+
+def test_approximate_kmeans_reproducible_and_close_to_exact():
+    x = _isotropic(6000, 64, 5)
+    a = train_kmeans(x, 1100, niter=3, seed=2, mode="approximate")
+    b = train_kmeans(x, 1100, niter=3, seed=2, mode="approximate")
+    np.testing.assert_array_equal(a, b)
+    e = train_kmeans(x, 1100, niter=3, seed=2, mode="exact", device="cpu")
+    assert not np.array_equal(a, e)  # the shortlist path really ran
+    assert kmeans_objective(x, a) <= 1.02 * kmeans_objective(x, e)
 
 
 def test_save_load_roundtrip(tmp_path):
