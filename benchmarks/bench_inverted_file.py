@@ -85,6 +85,10 @@ class SyntheticMaps:
         val = val.astype(np.float32)
         return list(zip(np.split(idx, row_heads[1:]), np.split(val, row_heads[1:])))
 
+    def db_maps(self, n: int) -> np.ndarray:
+        """The first n (<= 4,096) database maps exactly as :meth:`stream` makes them."""
+        return self.maps(np.random.default_rng([self.seed, 0]), n)
+
     def stream(self, n_images: int, chunk: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """The database's vectors, generated chunk by chunk (bounded memory)."""
         for c0 in range(0, n_images, chunk):
@@ -97,6 +101,80 @@ class SyntheticMaps:
         rng = np.random.default_rng([self.seed, 1 << 40])
         h, w = box or (MAP_H, MAP_W)
         return self.vectors_of(self.maps(rng, n, h, w), np.ones(h * w))
+
+
+class RealMaps(SyntheticMaps):
+    """Real assignment maps (a step-C store of 42x32 maps, e.g. SMVS through Lite0 at
+    336x256 upsampled to 42x32 with 25,000 words) made into any number of distinct
+    images: image i is real map i mod n_real with its words relabelled by a bijection
+    that only moves a word within its document-frequency stratum (the words sorted by df
+    and cut into ``strata`` groups of equal size; a seeded cyclic shift per image and
+    stratum). Each synthetic image keeps its source's spatial structure (repeated words
+    between neighbouring cells, distinct words per image) and the database keeps the real
+    df distribution, which decides how many postings a query touches; pairs of images
+    share words only as often as the df law says (co-occurrence structure is lost).
+    Landscape maps are transposed to portrait so that boxes are spatial."""
+
+    def __init__(self, store: Path, seed: int = 0, strata: int = 50) -> None:
+        from lib.assignment_store import AssignmentStore
+
+        with AssignmentStore(store) as st:
+            k = int(st.meta["n_centers"])
+            maps = []
+            for i in st.ids():
+                w = st.get(i)[0]
+                maps.append(w.T if w.shape[0] < w.shape[1] else w)
+        shapes = {m.shape for m in maps}
+        if shapes != {(MAP_H, MAP_W)}:
+            raise SystemExit(f"{store}: expected {MAP_H}x{MAP_W} maps, found {sorted(shapes)}")
+        self.k, self.seed, self.up = k, seed, 1
+        self.real = np.stack([m.ravel() for m in maps]).astype(np.int64)
+        self.prior = centre_prior(MAP_H, MAP_W).ravel().astype(np.float64)
+        df = np.zeros(k, np.int64)
+        for row in self.real:
+            df[np.unique(row)] += 1
+        self.df = df
+        size = -(-k // strata)
+        order = np.argsort(df, kind="stable")  # rarest first, ties by word id
+        padded = np.full(strata * size, -1, np.int64)
+        padded[:k] = order
+        self.members = padded.reshape(strata, size)  # the last stratum may hold -1 pads
+        self.counts = (self.members >= 0).sum(1)
+        pos = np.empty(k, np.int64)
+        pos[order] = np.arange(k)
+        self.stratum, self.rank = pos // size, pos % size
+
+    def maps(self, rng: np.random.Generator, n: int, h: int = MAP_H, w: int = MAP_W,
+             first: int | None = None) -> np.ndarray:
+        """n relabelled real maps (sources ``first``, first+1, ... mod n_real, or random
+        sources when ``first`` is None), cropped to their central h x w cells."""
+        n_real = len(self.real)
+        src = (np.arange(n) + first) % n_real if first is not None else \
+            rng.integers(0, n_real, n)
+        words = self.real[src]
+        shift = rng.integers(0, 1 << 30, (n, len(self.members)))
+        g, r = self.stratum[words], self.rank[words]
+        sh = np.take_along_axis(shift, g, 1)
+        m = self.members[g, (r + sh) % self.counts[g]]
+        if (h, w) != (MAP_H, MAP_W):
+            y0, x0 = (MAP_H - h) // 2, (MAP_W - w) // 2
+            m = m.reshape(n, MAP_H, MAP_W)[:, y0:y0 + h, x0:x0 + w].reshape(n, h * w)
+        return np.ascontiguousarray(m)
+
+    def db_maps(self, n: int) -> np.ndarray:
+        return self.maps(np.random.default_rng([self.seed, 0]), n, first=0)
+
+    def stream(self, n_images: int, chunk: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for c0 in range(0, n_images, chunk):
+            rng = np.random.default_rng([self.seed, c0])
+            yield from self.vectors_of(self.maps(rng, min(chunk, n_images - c0), first=c0),
+                                       self.prior)
+
+
+def make_generator(real_maps: Path | None, s: float, r0: float, seed: int,
+                   upsample: int = 1) -> SyntheticMaps:
+    return RealMaps(real_maps, seed) if real_maps is not None else \
+        SyntheticMaps(s=s, r0=r0, seed=seed, upsample=upsample)
 
 
 # --------------------------------------------------------------------------- plotting
@@ -159,24 +237,27 @@ def line_plot(path: Path, series: dict[str, tuple[Sequence[float], Sequence[floa
 # --------------------------------------------------------------------------- measurements
 
 def build_worker(out: Path, n_images: int, s: float, r0: float, seed: int,
-                 upsample: int = 1) -> None:
+                 upsample: int = 1, real_maps: Path | None = None) -> None:
     """Runs in a child process: generate + build; prints a JSON line with the timings."""
-    gen = SyntheticMaps(s=s, r0=r0, seed=seed, upsample=upsample)
+    gen = make_generator(real_maps, s, r0, seed, upsample)
     ids = [f"synthetic/{i:07d}" for i in range(n_images)]
     t = time.perf_counter()
-    ivf = InvertedFile.build(out, gen.stream(n_images), K, ids, {"synthetic": True,
-                             "zipf_s": s, "zipf_r0": r0, "seed": seed, "upsample": upsample})
+    ivf = InvertedFile.build(out, gen.stream(n_images), gen.k, ids, {
+        "synthetic": True, "zipf_s": s, "zipf_r0": r0, "seed": seed, "upsample": upsample,
+        "real_maps": str(real_maps) if real_maps else None})
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB -> GiB
     print(json.dumps({"build_s": time.perf_counter() - t, "n_postings": ivf.n_postings,
                       "peak_rss_gib": peak}))
 
 
 def measure_build(out: Path, n_images: int, s: float, r0: float, seed: int,
-                  upsample: int = 1) -> dict:
+                  upsample: int = 1, real_maps: Path | None = None) -> dict:
     """Build in a fresh child process, which reports its own peak RSS (getrusage)."""
     cmd = [sys.executable, __file__, "--_worker", str(out), "--n-images", str(n_images),
            "--zipf-s", str(s), "--zipf-r0", str(r0), "--seed", str(seed),
            "--upsample", str(upsample)]
+    if real_maps is not None:
+        cmd += ["--real-maps", str(real_maps)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     t = time.perf_counter()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -232,14 +313,14 @@ def quantisation_error(gen: SyntheticMaps, n_images: int, n_queries: int) -> dic
     vecs = list(gen.stream(n_images))
     rows = np.repeat(np.arange(n_images), [v[0].size for v in vecs])
     x = sparse.csr_matrix((np.concatenate([v[1] for v in vecs]).astype(np.float64),
-                           (rows, np.concatenate([v[0] for v in vecs]))), (n_images, K))
-    maps = gen.maps(np.random.default_rng([gen.seed, 0]), min(n_images, 4096))
+                           (rows, np.concatenate([v[0] for v in vecs]))), (n_images, gen.k))
+    maps = gen.db_maps(min(n_images, 4096))
     maps = maps.reshape(-1, MAP_H, MAP_W)[:n_queries, 6:36, 4:28].reshape(n_queries, -1)
     with tempfile.TemporaryDirectory() as d:
-        ivf = InvertedFile.build(Path(d) / "i", vecs, K, [str(i) for i in range(n_images)], {})
+        ivf = InvertedFile.build(Path(d) / "i", vecs, gen.k, [str(i) for i in range(n_images)], {})
         errs, bound, first, same, overlap = [], 0.0, 0, 0, []
         for i, q in enumerate(gen.vectors_of(maps, np.ones(maps.shape[1]))):
-            ref = x @ np.bincount(q[0], q[1].astype(np.float64), minlength=K)
+            ref = x @ np.bincount(q[0], q[1].astype(np.float64), minlength=gen.k)
             order, got = ivf.search(q)
             errs.append(np.abs(got - ref))
             bound = max(bound, 0.5 / 65535 * float(np.abs(q[1]).sum()))
@@ -270,6 +351,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--upsample", type=int, default=1,
                     help="draw words on a grid f times coarser and repeat them f x f "
                     "(2: like nearest-neighbour upsampling from 21x16)")
+    ap.add_argument("--real-maps", type=Path, default=None,
+                    help="a step-C assignment store of 42x32 maps: build from relabelled "
+                    "real maps (RealMaps) instead of the Zipf model")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="where the index is built (default: a temporary folder, removed)")
     ap.add_argument("--reuse", action="store_true",
@@ -279,7 +363,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--_worker", type=Path, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a._worker is not None:
-        build_worker(a._worker, a.n_images, a.zipf_s, a.zipf_r0, a.seed, a.upsample)
+        build_worker(a._worker, a.n_images, a.zipf_s, a.zipf_r0, a.seed, a.upsample,
+                     a.real_maps)
         return
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     work = a.workdir or Path(tempfile.mkdtemp(prefix="blcf-bench-ivf-"))
@@ -287,23 +372,26 @@ def main(argv: list[str] | None = None) -> None:
         out = work / "index"
         if a.reuse and (out / "meta.json").exists():
             hdr = InvertedFile.load(out).header
-            if hdr["n_docs"] != a.n_images or hdr["meta"].get("upsample", 1) != a.upsample:
+            if hdr["n_docs"] != a.n_images or hdr["meta"].get("upsample", 1) != a.upsample \
+                    or hdr["meta"].get("real_maps") != (str(a.real_maps) if a.real_maps else None):
                 raise SystemExit(f"{out}: built with other parameters")
             b = {"build_s": float("nan"), "peak_rss_gib": float("nan"),
                  "n_postings": hdr["n_postings"]}
         else:
-            b = measure_build(out, a.n_images, a.zipf_s, a.zipf_r0, a.seed, a.upsample)
+            b = measure_build(out, a.n_images, a.zipf_s, a.zipf_r0, a.seed, a.upsample,
+                              a.real_maps)
         ib = index_bytes(out)
-        gen = SyntheticMaps(s=a.zipf_s, r0=a.zipf_r0, seed=a.seed, upsample=a.upsample)
+        gen = make_generator(a.real_maps, a.zipf_s, a.zipf_r0, a.seed, a.upsample)
         q = measure_queries(out, gen, a.queries)
     finally:
         if a.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     qe = quantisation_error(gen, min(a.n_images, 5000), a.queries)
     bpp = ib["postings_bytes"] / b["n_postings"]
+    model = (f"relabelled real maps of {a.real_maps}" if a.real_maps else
+             f"Zipf s={a.zipf_s} r0={a.zipf_r0} upsample={a.upsample}")
     print(f"images {a.n_images}  postings {b['n_postings']} "
-          f"({b['n_postings'] / a.n_images:.0f}/image)  Zipf s={a.zipf_s} r0={a.zipf_r0} "
-          f"upsample={a.upsample}")
+          f"({b['n_postings'] / a.n_images:.0f}/image)  {model}")
     print(f"bytes/posting {bpp:.2f} (original invidx: 8)  index {ib['total_bytes'] / 2**20:.0f}"
           f" MiB  build {b['build_s']:.1f} s  peak RSS {b['peak_rss_gib']:.2f} GiB  "
           f"load {q['load_ms']:.1f} ms")
@@ -319,8 +407,9 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['search_ms']:.1f} ms, top-100 {r['search_top100_ms']:.1f} ms (medians of "
               f"{a.queries})")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    row = {"n_images": a.n_images, "zipf_s": a.zipf_s, "zipf_r0": a.zipf_r0,
-           "upsample": a.upsample,
+    row = {"n_images": a.n_images,
+           "data": f"real:{a.real_maps.name}" if a.real_maps else "zipf",
+           "zipf_s": a.zipf_s, "zipf_r0": a.zipf_r0, "upsample": a.upsample,
            "n_postings": b["n_postings"], "bytes_per_posting": round(bpp, 3),
            "index_bytes": ib["total_bytes"], "build_s": round(b["build_s"], 2),
            "peak_rss_gib": round(b["peak_rss_gib"], 3), "load_ms": round(q["load_ms"], 2),

@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_inverted_file import (
     RESULTS,
-    SyntheticMaps,
     index_bytes,
     line_plot,
+    make_generator,
     measure_build,
     measure_queries,
 )
@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--zipf-s", type=float, default=0.9)
     ap.add_argument("--zipf-r0", type=float, default=10.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--real-maps", type=Path, default=None,
+                    help="a step-C store of 42x32 maps: relabelled real maps instead of Zipf "
+                    "(see bench_inverted_file.RealMaps)")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="scratch folder for the indexes (default: a temporary folder); "
                     "1M images need ~15 GB free while building")
@@ -47,13 +50,13 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     sizes = [int(x) for x in a.sizes.split(",")]
-    gen = SyntheticMaps(s=a.zipf_s, r0=a.zipf_r0, seed=a.seed)
+    gen = make_generator(a.real_maps, a.zipf_s, a.zipf_r0, a.seed)
     work = a.workdir or Path(tempfile.mkdtemp(prefix="blcf-bench-scale-"))
     rows = []
     try:
         for n in sizes:
             out = work / f"index-{n}"
-            b = measure_build(out, n, a.zipf_s, a.zipf_r0, a.seed)
+            b = measure_build(out, n, a.zipf_s, a.zipf_r0, a.seed, real_maps=a.real_maps)
             ib = index_bytes(out)
             q = measure_queries(out, gen, a.queries)
             shutil.rmtree(out, ignore_errors=True)
