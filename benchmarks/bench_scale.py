@@ -6,7 +6,7 @@ within memory at any size.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_scale.py --sizes 10000,100000,1000000
 
-Writes benchmarks/results/scale.csv and scale_<metric>.png.
+Writes benchmarks/results/scale.csv and scale_<metric>.png (``--out X.csv``: X_<metric>.png).
 """
 
 from __future__ import annotations
@@ -82,20 +82,20 @@ def main(argv: list[str] | None = None) -> None:
         w.writeheader()
         w.writerows(rows)
     x = [r["n_images"] for r in rows]
-    d = a.out.parent
-    line_plot(d / "scale_build.png", {"build time (s)": (x, [r["build_s"] for r in rows])},
+    d, stem = a.out.parent, a.out.stem  # plots <stem>_build.png etc. next to the csv
+    line_plot(d / f"{stem}_build.png", {"build time (s)": (x, [r["build_s"] for r in rows])},
               "inverted file build time", "database images", "seconds")
-    line_plot(d / "scale_memory.png",
+    line_plot(d / f"{stem}_memory.png",
               {"peak RSS (GiB)": (x, [r["peak_rss_gib"] for r in rows]),
                "index size (GiB)": (x, [r["index_mib"] / 1024 for r in rows])},
               "build peak memory and index size", "database images", "GiB")
-    line_plot(d / "scale_query.png",
+    line_plot(d / f"{stem}_query.png",
               {"box query, scores (ms CPU)": (x, [r["box_scores_cpu_ms"] for r in rows]),
                "full query, scores (ms CPU)": (x, [r["full_scores_cpu_ms"] for r in rows]),
                "full query, scores (ms wall)": (x, [r["full_scores_ms"] for r in rows]),
                "full query, full ranking (ms)": (x, [r["full_search_ms"] for r in rows])},
               "query time, one core", "database images", "ms")
-    print(f"wrote {a.out} and {d}/scale_*.png")
+    print(f"wrote {a.out} and {d}/{stem}_*.png")
 
 
 if __name__ == "__main__":

@@ -84,10 +84,11 @@ def pq_layout(dim: int) -> tuple[int, int]:
 def build_shortlist_index(centroids: np.ndarray, n_candidates: int
                           ) -> tuple[faiss.IndexRefineFlat, faiss.IndexPQFastScan]:
     """PQ fast-scan shortlist + exact re-ranking over the centroids (dimensions padded
-    with zeros to a multiple of the sub-quantiser size, :func:`pq_layout`). The quantiser is trained on the
-    centroids themselves, on one thread with a fixed seed, so the same codebook always
-    gives the same index and the same words. Returns (refine index, its PQ base): the
-    caller keeps both alive (the refine index does not own its base)."""
+    with zeros to a multiple of the sub-quantiser size, :func:`pq_layout`). The
+    quantiser is trained on the centroids themselves, on one thread with a fixed seed,
+    so the same codebook always gives the same index and the same words. Returns
+    (refine index, its PQ base): the caller keeps both alive (the refine index does not
+    own its base)."""
     c = np.ascontiguousarray(centroids, np.float32)
     d_pad, m = pq_layout(c.shape[1])
     cp = _pad(c, d_pad)

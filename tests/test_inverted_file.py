@@ -276,6 +276,10 @@ def test_rank_scores_is_a_stable_descending_sort() -> None:
     ref = np.argsort(-s, kind="stable")
     assert np.array_equal(rank_scores(s), ref)
     assert np.array_equal(top_k(s, 321), ref[:321])
+    for k in (1, 7, 100, 1249, 4999, 5000):  # subsample bound (k << n) and direct paths
+        assert np.array_equal(top_k(s, k), ref[:k]), k
+    big = (rng.integers(0, 300, 200_000) / 3).astype(np.float32)  # stride 32, heavy ties
+    assert np.array_equal(top_k(big, 100), np.argsort(-big, kind="stable")[:100])
     neg = s - np.float32(1.0)  # negatives take the fallback path
     assert np.array_equal(rank_scores(neg), np.argsort(-neg, kind="stable"))
     s64 = s.astype(np.float64)
