@@ -19,6 +19,8 @@ our 105k synthetic index (same image ids per word) and random binary residual co
 dimension, so this favours asmk). Its ``IVF.search`` is then timed unchanged.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_vs_asmk.py
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_vs_asmk.py --real-maps STORE \
+        --workdir /tmp/asmk-real    # word maps: relabelled real maps (bench_inverted_file)
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_inverted_file import MAP_H, MAP_W, RESULTS, K, SyntheticMaps, measure_build
+from bench_inverted_file import MAP_H, MAP_W, RESULTS, K, make_generator, measure_build
 
 from lib.bow import bow_vector
 from lib.inverted_file import InvertedFile
@@ -61,10 +63,11 @@ def _features(centroids: np.ndarray, words: np.ndarray, rng: np.random.Generator
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def part_small(n_images: int, n_queries: int, dim: int, seed: int) -> dict:
+def part_small(n_images: int, n_queries: int, dim: int, seed: int,
+               real_maps: Path | None = None) -> dict:
     codebook, _, index, inverted_file, kernel = _asmk()
     rng = np.random.default_rng(seed)
-    gen = SyntheticMaps(seed=seed)
+    gen = make_generator(real_maps, 0.9, 10.0, seed)
     cent = rng.standard_normal((K, dim), dtype=np.float32)
     cent /= np.linalg.norm(cent, axis=1, keepdims=True)
     words = gen.maps(rng, n_images)  # (n, 1344)
@@ -112,15 +115,17 @@ def part_small(n_images: int, n_queries: int, dim: int, seed: int) -> dict:
             "blcf_ms": 1000 * float(np.median(t_b)), "asmk_ms": 1000 * float(np.median(t_a))}
 
 
-def part_large(n_images: int, n_queries: int, bits: int, seed: int, workdir: Path | None
-               ) -> dict:
+def part_large(n_images: int, n_queries: int, bits: int, seed: int, workdir: Path | None,
+               real_maps: Path | None = None) -> dict:
     _, hamming, _, inverted_file, kernel = _asmk()
     work = workdir or Path(tempfile.mkdtemp(prefix="blcf-bench-asmk-"))
     try:
         path = work / "index"
         if not (path / "meta.json").exists():
-            measure_build(path, n_images, 0.9, 10.0, seed)
+            measure_build(path, n_images, 0.9, 10.0, seed, real_maps=real_maps)
         ivf = InvertedFile.load(path)
+        if ivf.header["meta"].get("real_maps") != (str(real_maps) if real_maps else None):
+            raise SystemExit(f"{path}: built from another word model; use another --workdir")
         rng = np.random.default_rng(seed)
         n32 = bits // 32
         off = ivf.offsets
@@ -142,7 +147,7 @@ def part_large(n_images: int, n_queries: int, bits: int, seed: int, workdir: Pat
             binary = True
 
         sim = {"alpha": 3.0, "similarity_threshold": 0.0}
-        gen = SyntheticMaps(seed=seed)
+        gen = make_generator(real_maps, 0.9, 10.0, seed)
         qw = gen.maps(np.random.default_rng([seed, 7]), n_queries, 30, 24)
         t_b, t_a, touched = [], [], []
         for q in qw:
@@ -179,30 +184,35 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=None,
                     help="reuse/keep the part-2 BLCF index here (default: temporary)")
+    ap.add_argument("--real-maps", type=Path, default=None,
+                    help="word maps from a step-C store of 42x32 maps, relabelled "
+                    "(bench_inverted_file.RealMaps), instead of the Zipf model")
     a = ap.parse_args(argv)
     _asmk()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     rows = []
-    s = part_small(a.small, a.queries, a.dim, a.seed)
+    s = part_small(a.small, a.queries, a.dim, a.seed, a.real_maps)
     print(f"{s['images']} images, {a.dim}-D: build (wall) BLCF {s['blcf_build_s']:.1f} s, asmk "
           f"{s['asmk_build_s']:.1f} s; query CPU time (box, full ranking) BLCF "
           f"{s['blcf_ms']:.2f} ms, "
           f"asmk {s['asmk_ms']:.1f} ms -> BLCF {s['asmk_ms'] / s['blcf_ms']:.0f}x faster",
           flush=True)
-    rows.append({"part": "smvs_like", **s})
+    data = f"real:{a.real_maps.name}" if a.real_maps else "zipf"
+    rows.append({"part": "smvs_like", "data": data, **s})
     if a.large:
-        g = part_large(a.large, a.queries, a.large_dim, a.seed, a.workdir)
+        g = part_large(a.large, a.queries, a.large_dim, a.seed, a.workdir, a.real_maps)
         print(f"{g['images']} images ({g['touched']:.0f} postings touched per box query), "
               f"asmk {a.large_dim}-bit codes, query CPU time: BLCF {g['blcf_ms']:.1f} ms, asmk "
               f"{g['asmk_ms']:.1f} ms -> BLCF {g['asmk_ms'] / g['blcf_ms']:.1f}x faster")
-        rows.append({"part": "large", **g})
+        rows.append({"part": "large", "data": data, **g})
     RESULTS.mkdir(parents=True, exist_ok=True)
     keys = sorted({k for r in rows for k in r})
-    with open(RESULTS / "vs_asmk.csv", "w", newline="") as f:
+    out = RESULTS / ("vs_asmk_real.csv" if a.real_maps else "vs_asmk.csv")
+    with open(out, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
-    print(f"wrote {RESULTS / 'vs_asmk.csv'}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -65,6 +65,10 @@ DEFAULT_PARTITION_POSTINGS = 1 << 25
 MERGE_BLOCK_POSTINGS = 1 << 24
 # Postings gathered at once while scoring (bounds a query's temporaries to ~100 MB).
 SCORE_BLOCK = 1 << 22
+# Up to this many postings a query gathers them with one fancy index and one np.add.at:
+# no per-word slicing (~1 us a word) and no sparse-matrix set-up (~0.1 ms), which
+# dominate small indexes; both paths add the same float32 products in the same order.
+SMALL_QUERY_POSTINGS = 1 << 16
 
 SparseVec = tuple[np.ndarray, np.ndarray]
 
@@ -489,9 +493,16 @@ class InvertedFile:
         ends = self.offsets[idx + 1]
         lens = ends - starts
         scale = (val * np.float32(1.0 / WEIGHT_SCALE)).astype(np.float32)
-        # groups of query words of ~SCORE_BLOCK postings: bounded temporaries at 1M docs
         cum = np.cumsum(lens)
-        cuts = np.searchsorted(cum, np.arange(SCORE_BLOCK, int(cum[-1]), SCORE_BLOCK))
+        total = int(cum[-1])
+        if total <= SMALL_QUERY_POSTINGS:
+            pos = np.arange(total, dtype=np.int64) + np.repeat(starts - (cum - lens), lens)
+            contrib = np.multiply(self._weights[pos], np.repeat(scale, lens),
+                                  dtype=np.float32)
+            np.add.at(acc, self._docs[pos], contrib)
+            return acc
+        # groups of query words of ~SCORE_BLOCK postings: bounded temporaries at 1M docs
+        cuts = np.searchsorted(cum, np.arange(SCORE_BLOCK, total, SCORE_BLOCK))
         bounds = [0, *np.unique(np.minimum(cuts + 1, idx.size)).tolist(), idx.size]
         docs32 = self._docs.view(np.int32)  # doc ids < 2**31: same bytes, scipy's type
         for a, b in itertools.pairwise(bounds):

@@ -63,10 +63,14 @@ def idf_reference(x: np.ndarray, q: np.ndarray) -> np.ndarray:
     return xi @ (qi / np.linalg.norm(qi))
 
 
-@pytest.mark.parametrize(("use_idf", "block"), [(False, 1 << 22), (True, 1 << 22), (False, 37)])
+@pytest.mark.parametrize(("use_idf", "block", "small"), [
+    (False, 1 << 22, 1 << 16), (True, 1 << 22, 1 << 16),  # small queries: one gather
+    (False, 1 << 22, 0), (True, 1 << 22, 0),  # the sparse-block product
+    (False, 37, 0)])  # 37: many scoring blocks
 def test_scores_match_dense_product(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                    use_idf: bool, block: int) -> None:
-    monkeypatch.setattr(inverted_file, "SCORE_BLOCK", block)  # 37: many scoring blocks
+                                    use_idf: bool, block: int, small: int) -> None:
+    monkeypatch.setattr(inverted_file, "SCORE_BLOCK", block)
+    monkeypatch.setattr(inverted_file, "SMALL_QUERY_POSTINGS", small)
     rng = np.random.default_rng(1)
     vecs = random_vectors(rng, 200)
     ivf = InvertedFile.build(tmp_path / "ivf", vecs, K, ids(200), {"k": 1}, idf=use_idf,
@@ -83,6 +87,10 @@ def test_scores_match_dense_product(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         bound = STEP * np.abs(qs).sum() + 1e-6
         assert np.max(np.abs(got - ref)) <= bound
         assert np.max(np.abs(got - ref)) > 0 or not np.any(ref)  # really quantised
+        if block > 1000:  # one block: both scoring paths add the same products in order
+            monkeypatch.setattr(inverted_file, "SMALL_QUERY_POSTINGS", (1 << 16) - small)
+            np.testing.assert_array_equal(ivf.scores(qv), got)
+            monkeypatch.setattr(inverted_file, "SMALL_QUERY_POSTINGS", small)
 
 
 def test_quantisation_error_bound_and_ranking(tmp_path: Path) -> None:
