@@ -358,8 +358,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="where the index is built (default: a temporary folder, removed)")
     ap.add_argument("--reuse", action="store_true",
                     help="with --workdir: query an index already built there (no build numbers)")
-    ap.add_argument("--csv", type=Path, default=RESULTS / "inverted_file.csv",
-                    help="results file; a row is appended")
+    ap.add_argument("--csv", type=Path, default=None,
+                    help="results file; a row is appended (default: results/inverted_file.csv"
+                    ", or inverted_file_real.csv with --real-maps)")
     ap.add_argument("--_worker", type=Path, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a._worker is not None:
@@ -408,8 +409,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{a.queries})")
     RESULTS.mkdir(parents=True, exist_ok=True)
     row = {"n_images": a.n_images,
-           "data": f"real:{a.real_maps.name}" if a.real_maps else "zipf",
-           "zipf_s": a.zipf_s, "zipf_r0": a.zipf_r0, "upsample": a.upsample,
+           **({"real_maps": str(a.real_maps)} if a.real_maps else
+              {"zipf_s": a.zipf_s, "zipf_r0": a.zipf_r0, "upsample": a.upsample}),
            "n_postings": b["n_postings"], "bytes_per_posting": round(bpp, 3),
            "index_bytes": ib["total_bytes"], "build_s": round(b["build_s"], 2),
            "peak_rss_gib": round(b["peak_rss_gib"], 3), "load_ms": round(q["load_ms"], 2),
@@ -417,7 +418,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("box", "full"):
         for k, v in q[name].items():
             row[f"{name}_{k}"] = round(v, 3)
-    path = a.csv
+    path = a.csv or RESULTS / ("inverted_file_real.csv" if a.real_maps else "inverted_file.csv")
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
     with open(path, "a", newline="") as f:
@@ -436,7 +437,7 @@ def plot_query_cost(path: Path) -> None:
     pts = sorted((float(r[f"{k}_postings_touched"]), float(r[f"{k}_scores_cpu_ms"]))
                  for r in rows for k in ("box", "full") if r.get(f"{k}_scores_cpu_ms"))
     if pts:
-        line_plot(path.parent / "query_cost.png",
+        line_plot(path.parent / f"{path.stem.replace('inverted_file', 'query_cost')}.png",
                   {"scores(), CPU ms": ([p[0] for p in pts], [p[1] for p in pts])},
                   "query cost is linear in the postings touched (one core)",
                   "postings touched", "ms")

@@ -79,7 +79,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=40000, help="training features")
-    ap.add_argument("--k", type=int, default=1000, help="words")
+    ap.add_argument("--k", type=int, default=2048,
+                    help="words (>= 1,024, or the approximate mode is exact)")
     ap.add_argument("--niter", type=int, default=10, help="iterations (all methods)")
     ap.add_argument("--repeats", type=int, default=3, help="rotations")
     ap.add_argument("--seed", type=int, default=0)
