@@ -38,7 +38,8 @@ from lib.codebook import CANDIDATE_LADDER, Codebook, pq_layout, train_kmeans
 
 
 def real_data(store_path: Path, new_dim: list[int] | None, n_train: int, n_query: int,
-              pca_dim: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+              pca_dim: int, seed: int, train_upsampled: bool = False
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(training, query, tuning) L2-PCA-L2 features from a feature store: training
     features (native maps, as step B reads them) from one half of the images, query and
     tuning features (maps upsampled to ``new_dim`` when given, as step C reads them)
@@ -61,7 +62,8 @@ def real_data(store_path: Path, new_dim: list[int] | None, n_train: int, n_query
                 break
         return np.concatenate(rows)[:n]
 
-    train = read(LocalFeatureReader(store, None, l2norm=True), order[:half], n_train)
+    train = read(LocalFeatureReader(store, new_dim if train_upsampled else None, l2norm=True),
+                 order[:half], n_train)
     pca = PCAWhitening.fit(train, min(pca_dim, train.shape[1]), whiten=True)
     l2 = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # noqa: E731
     test = read(LocalFeatureReader(store, new_dim, l2norm=True), order[half:],
@@ -88,17 +90,23 @@ def main() -> None:
                     "k-means iterations from the random init (0 = random training features)")
     ap.add_argument("--new-dim", type=int, nargs=2, default=None,
                     help="with --store: upsample query maps to this portrait H W")
+    ap.add_argument("--train-upsampled", action="store_true",
+                    help="with --new-dim: PCA and codebook trained on upsampled maps too "
+                    "(settings train_on = upsampled)")
     a = ap.parse_args()
 
     if a.store is not None:
-        train, q, tune = real_data(a.store, a.new_dim, a.n_train, a.n, a.pca_dim, a.seed)
+        train, q, tune = real_data(a.store, a.new_dim, a.n_train, a.n, a.pca_dim, a.seed,
+                                   a.train_upsampled)
         rng = np.random.default_rng(a.seed)
         cents = train[np.sort(rng.choice(len(train), a.k, replace=False))]
         if a.kmeans_iters:
             cents = train_kmeans(train, a.k, a.kmeans_iters, a.seed, "approximate")
         source = (f"real L2-PCA-L2 features from {a.store} (PCA to {train.shape[1]}-D on "
                   f"{len(train)} training features), codebook = {a.k} training features + "
-                  f"{a.kmeans_iters} approximate k-means iterations")
+                  f"{a.kmeans_iters} approximate k-means iterations; query maps "
+                  f"{'upsampled to ' + str(a.new_dim) if a.new_dim else 'native'}, training "
+                  f"maps {'upsampled' if a.train_upsampled and a.new_dim else 'native'}")
     else:
         train, pca = synthetic_features(max(a.k * 2, 50000), seed=a.seed)
         rng = np.random.default_rng(a.seed)
