@@ -71,6 +71,7 @@ def test_scores_match_dense_product(tmp_path: Path, monkeypatch: pytest.MonkeyPa
                                     use_idf: bool, block: int, small: int) -> None:
     monkeypatch.setattr(inverted_file, "SCORE_BLOCK", block)
     monkeypatch.setattr(inverted_file, "SMALL_QUERY_POSTINGS", small)
+    monkeypatch.setattr(inverted_file, "SMALL_QUERY_POSTINGS_PER_WORD", 400 if small else 0)
     rng = np.random.default_rng(1)
     vecs = random_vectors(rng, 200)
     ivf = InvertedFile.build(tmp_path / "ivf", vecs, K, ids(200), {"k": 1}, idf=use_idf,
@@ -89,8 +90,10 @@ def test_scores_match_dense_product(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         assert np.max(np.abs(got - ref)) > 0 or not np.any(ref)  # really quantised
         if block > 1000:  # one block: both scoring paths add the same products in order
             monkeypatch.setattr(inverted_file, "SMALL_QUERY_POSTINGS", (1 << 16) - small)
+            monkeypatch.setattr(inverted_file, "SMALL_QUERY_POSTINGS_PER_WORD", 0 if small else 400)
             np.testing.assert_array_equal(ivf.scores(qv), got)
             monkeypatch.setattr(inverted_file, "SMALL_QUERY_POSTINGS", small)
+            monkeypatch.setattr(inverted_file, "SMALL_QUERY_POSTINGS_PER_WORD", 400 if small else 0)
 
 
 def test_quantisation_error_bound_and_ranking(tmp_path: Path) -> None:
