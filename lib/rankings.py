@@ -56,17 +56,18 @@ def _rank_1d(s: np.ndarray) -> np.ndarray:
     """Indices by descending score, ties by index (= database order).
 
     For non-negative float32 scores (every BoW score) the bit pattern is monotonic, so
-    one sort of unique uint64 keys ``(~bits << 32) | index`` gives the stable order
-    1.3-2x faster than a stable argsort (numpy's SIMD sort); other input falls back."""
+    a two-pass LSD radix sort of ``~bits`` (numpy's stable argsort is a radix sort for
+    16-bit keys: low half first, then high half) gives the stable order ~2x faster than
+    the sorted uint64 keys used before and ~2.5x faster than a stable argsort; other
+    input falls back to the stable argsort."""
     s = np.asarray(s)
     n = s.size
-    if s.dtype != np.float32 or n == 0 or n >= 1 << 32 or not s.min() >= 0:
+    if s.dtype != np.float32 or n == 0 or not s.min() >= 0:
         return np.argsort(-s, kind="stable").astype(np.int64)
-    bits = (s + np.float32(0.0)).view(np.uint32)  # + 0.0 turns -0.0 into +0.0
-    key = (~bits).astype(np.uint64) << np.uint64(32)
-    key |= np.arange(n, dtype=np.uint64)
-    key.sort()
-    return (key & np.uint64(0xFFFFFFFF)).astype(np.int64)
+    key = ~(s + np.float32(0.0)).view(np.uint32)  # + 0.0 turns -0.0 into +0.0
+    order = np.argsort((key & 0xFFFF).astype(np.uint16), kind="stable")
+    high = (key >> 16).astype(np.uint16)[order]
+    return order[np.argsort(high, kind="stable")].astype(np.int64)
 
 
 def _check_query_name(name: str) -> None:
