@@ -165,3 +165,54 @@ def test_save_load_roundtrip(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(UserError, match="float32"):
         Codebook.load(tmp_path / "bad.npy")
+
+
+def _maps_pair(seed: int, c: int = 16, hw: tuple[int, int] = (5, 4),
+               up_hw: tuple[int, int] = (9, 7)):
+    from lib.local_features import maps_to_features, upsample
+
+    rng = np.random.default_rng(seed)
+    native = rng.standard_normal((c, *hw)).astype(np.float32)
+    return (maps_to_features(native), maps_to_features(upsample(native, up_hw)))
+
+
+def test_assign_upsampled_with_every_word_is_exact():
+    # r = K: the candidate sets hold every word, so the answer is the brute-force one
+    nat, up = _maps_pair(0)
+    c = _isotropic(60, 16, 7)
+    cb = Codebook(c)
+    np.testing.assert_array_equal(cb.assign_upsampled(nat, (5, 4), up, (9, 7), r=60),
+                                  _brute(up, c))
+
+
+def test_assign_upsampled_sources_follow_the_bilinear_grid():
+    # each upsampled cell's word must be one of the r words of its own 2x2 native sources:
+    # with r = 1 and a native map whose cells all differ, a corner cell of the upsampled
+    # map (which copies a native corner exactly) gets that corner's own nearest word
+    nat, up = _maps_pair(1, hw=(4, 3), up_hw=(7, 5))
+    c = _isotropic(500, 16, 8)
+    cb = Codebook(c)
+    w = cb.assign_upsampled(nat, (4, 3), up, (7, 5), r=1).reshape(7, 5)
+    nn = _brute(nat, c).reshape(4, 3)
+    assert w[0, 0] == nn[0, 0] and w[0, -1] == nn[0, -1]
+    assert w[-1, 0] == nn[-1, 0] and w[-1, -1] == nn[-1, -1]
+    # every word comes from the native cells' own nearest words
+    assert set(w.ravel().tolist()) <= set(nn.ravel().tolist())
+
+
+def test_assign_upsampled_agrees_with_exact_on_smooth_maps():
+    # realistic case: K >> r, a spatially smooth native map (neighbouring conv cells are
+    # correlated) upsampled 2x; nearly every interpolated feature keeps the exact word
+    from lib.local_features import maps_to_features, upsample
+
+    rng = np.random.default_rng(3)
+    coarse = rng.standard_normal((32, 3, 3)).astype(np.float32)
+    native = upsample(coarse, (10, 8)) + 0.3 * rng.standard_normal((32, 10, 8)).astype(
+        np.float32)
+    nat, up = maps_to_features(native), maps_to_features(upsample(native, (20, 16)))
+    c = _isotropic(3000, 32, 9)
+    cb = Codebook(c)
+    w = cb.assign_upsampled(nat, (10, 8), up, (20, 16), r=16)
+    assert np.mean(w == _brute(up, c)) >= 0.97
+    with pytest.raises(ValueError, match="do not match"):
+        cb.assign_upsampled(nat, (10, 8), up, (20, 15), r=4)
