@@ -62,7 +62,7 @@ def _rank_1d(s: np.ndarray) -> np.ndarray:
     input falls back to the stable argsort."""
     s = np.asarray(s)
     n = s.size
-    if s.dtype != np.float32 or n == 0 or not s.min() >= 0:
+    if s.dtype != np.float32 or n < 2048 or not s.min() >= 0:  # small: one argsort wins
         return np.argsort(-s, kind="stable").astype(np.int64)
     key = ~(s + np.float32(0.0)).view(np.uint32)  # + 0.0 turns -0.0 into +0.0
     order = np.argsort((key & 0xFFFF).astype(np.uint16), kind="stable")
