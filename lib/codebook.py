@@ -154,6 +154,7 @@ def _faiss_search(index: faiss.Index) -> Callable[[np.ndarray], tuple[np.ndarray
         d, i = index.search(q, 1)
         return d[:, 0], i[:, 0]
 
+    search.index = index  # type: ignore[attr-defined]  # for k-nearest searches
     return search
 
 
@@ -384,10 +385,14 @@ class Codebook:
         self.meta: dict[str, Any] = dict(meta or {})
         self.device = "cpu" if mode == "approximate" else resolve_device(device)
         self.n_candidates = DEFAULT_CANDIDATES
-        self._search: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
         self._exact: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
         self._shortlist: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
         self._flat: faiss.IndexFlatL2 | None = None
+
+    @property
+    def _approximate(self) -> bool:
+        """Whether the shortlist answers (approximate mode, at least APPROX_MIN_K words)."""
+        return self.mode == "approximate" and self.k >= APPROX_MIN_K
 
     @property
     def k(self) -> int:
@@ -403,9 +408,7 @@ class Codebook:
         return self._exact
 
     def _searcher(self) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
-        if self.mode == "exact":
-            return self._exact_search()
-        if self.k < APPROX_MIN_K:
+        if not self._approximate:
             return self._exact_search()
         if self._shortlist is None:
             self._shortlist = _make_search(self.centroids, "approximate", "cpu",
@@ -432,24 +435,21 @@ class Codebook:
         approximate mode the best ``r`` of a shortlist of max(n_candidates, 2r) words
         re-ranked exactly."""
         x = np.ascontiguousarray(x, np.float32)
-        if self.mode == "approximate" and self.k >= APPROX_MIN_K:
-            search = self._searcher()
-            idx = search.index  # type: ignore[attr-defined]
-            idx.k_factor = float(max(self.n_candidates / max(r, 1), 2.0))
-            xp = _pad(x, idx.d)
-            r = min(int(r), self.k)
-            out = np.empty((len(x), r), np.int64)
-            for s in range(0, len(x), _CHUNK):
-                out[s:s + _CHUNK] = idx.search(xp[s:s + _CHUNK], r)[1]
-            idx.k_factor = float(self.n_candidates)
-            return out
-        if self._flat is None:
-            self._flat = faiss.IndexFlatL2(self.dim)
-            self._flat.add(self.centroids)
         r = min(int(r), self.k)
+        if self._approximate:
+            idx = self._searcher().index  # type: ignore[attr-defined]
+            idx.k_factor = float(max(self.n_candidates / max(r, 1), 2.0))  # reset by assign
+            x = _pad(x, idx.d)
+        else:
+            idx = getattr(self._exact_search(), "index", None)
+            if idx is None:  # the torch CUDA search has no index: a CPU flat one for k-NN
+                if self._flat is None:
+                    self._flat = faiss.IndexFlatL2(self.dim)
+                    self._flat.add(self.centroids)
+                idx = self._flat
         out = np.empty((len(x), r), np.int64)
         for s in range(0, len(x), _CHUNK):
-            out[s:s + _CHUNK] = self._flat.search(x[s:s + _CHUNK], r)[1]
+            out[s:s + _CHUNK] = idx.search(x[s:s + _CHUNK], r)[1]
         return out
 
     def assign_upsampled(self, native: np.ndarray, native_hw: tuple[int, int],
