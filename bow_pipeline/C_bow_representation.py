@@ -155,8 +155,11 @@ def main() -> None:
             asg = open_assignments(apath, {**expected, **_extra_meta(s)})
             try:
                 sizes = store.sizes() if store is not None else {}
+                # one reader for tuning and assigning (no store: no sizes, nothing to do)
+                reader = None if store is None else LocalFeatureReader(
+                    store, list(s.new_dim) if s.new_dim else None, l2norm=s.l2norm, pca=pca)
                 if s.assignment == "approximate":
-                    _tune(s, cb, asg, store, pca, sizes, db_ids)
+                    _tune(s, cb, asg, reader, sizes, db_ids)
                 streamed = {"streamed": 0, "corrupt": 0}
                 if s.stream_distractors:
                     streamed = _stream(s, pca, cb, asg, db_ids, sizes)
@@ -166,13 +169,7 @@ def main() -> None:
                     log.warning("%d database images have neither features nor an assignment "
                                 "map (unreadable in step A?) and are left out, e.g. %s",
                                 len(missing), ", ".join(missing[:5]))
-                todo = [i for i in todo if i in sizes]
-                reader = None
-                if todo:
-                    if store is None:
-                        raise UserError(f"{fpath}: feature store not found; run step A")
-                    reader = LocalFeatureReader(store, list(s.new_dim) if s.new_dim else None,
-                                                l2norm=s.l2norm, pca=pca)
+                todo = [i for i in todo if i in sizes]  # empty without a feature store
                 n_new = assign_all(todo, reader, sizes, cb, asg) if todo else 0
                 present = [i for i in db_ids if i in asg]
                 asg.set_meta({**asg.meta, "count": len(asg)})
@@ -201,23 +198,19 @@ def main() -> None:
     run_main(body, "C")
 
 
-def _tune(s: Any, cb: Codebook, asg: AssignmentStore, store: Any, pca: Any,
+def _tune(s: Any, cb: Codebook, asg: AssignmentStore, reader: Any,
           sizes: dict[str, tuple[int, int]], db_ids: list[str]) -> None:
     """Approximate assignment: the shortlist length recorded in the store, or tuned on a
     fixed sample of stored features (before any streaming, so that streamed and stored
     images are assigned with the same search)."""
-    from lib.local_features import LocalFeatureReader
-
     if "ef_search" in asg.meta:  # written by the HNSW search this project used before
         raise UserError(f"{AssignmentStore.path_for(s)}: made by an older approximate search "
                         "(HNSW); delete it and rerun step C")
     if "n_candidates" in asg.meta:
         cb.n_candidates = int(asg.meta["n_candidates"])
         return
-    if store is None or not sizes:
+    if reader is None or not sizes:
         return
-    reader = LocalFeatureReader(store, list(s.new_dim) if s.new_dim else None,
-                                l2norm=s.l2norm, pca=pca)
     agree = cb.tune(tune_sample(reader, sizes, [i for i in db_ids if i in sizes], s.seed))
     asg.set_meta({**asg.meta, "n_candidates": cb.n_candidates, "tuned_agreement": agree})
 
