@@ -25,6 +25,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -35,6 +36,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kmeans import synthetic_features
 
 from lib.codebook import CANDIDATE_LADDER, Codebook, pq_layout, train_kmeans
+
+
+def _l2(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _read(reader: Any, ids: list[str], picks: np.ndarray, n: int) -> np.ndarray:
+    """The first ``n`` features of the images ``picks`` (in that order)."""
+    rows, total = [], 0
+    for i in picks:
+        rows.append(np.asarray(reader.features(ids[i]), np.float32))
+        total += len(rows[-1])
+        if total >= n:
+            break
+    return np.concatenate(rows)[:n]
 
 
 def real_data(store_path: Path, new_dim: list[int] | None, n_train: int, n_query: int,
@@ -53,23 +69,13 @@ def real_data(store_path: Path, new_dim: list[int] | None, n_train: int, n_query
     order = np.random.default_rng(seed).permutation(len(ids))
     half = len(ids) // 2
 
-    def read(reader: LocalFeatureReader, picks: np.ndarray, n: int) -> np.ndarray:
-        rows, total = [], 0
-        for i in picks:
-            rows.append(np.asarray(reader.features(ids[i]), np.float32))
-            total += len(rows[-1])
-            if total >= n:
-                break
-        return np.concatenate(rows)[:n]
-
-    train = read(LocalFeatureReader(store, new_dim if train_upsampled else None, l2norm=True),
-                 order[:half], n_train)
+    train = _read(LocalFeatureReader(store, new_dim if train_upsampled else None,
+                                     l2norm=True), ids, order[:half], n_train)
     pca = PCAWhitening.fit(train, min(pca_dim, train.shape[1]), whiten=True)
-    l2 = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # noqa: E731
-    test = read(LocalFeatureReader(store, new_dim, l2norm=True), order[half:],
-                n_query + 5000)
-    return l2(pca.transform(train)), l2(pca.transform(test[:n_query])), \
-        l2(pca.transform(test[n_query:]))
+    test = _read(LocalFeatureReader(store, new_dim, l2norm=True), ids, order[half:],
+                 n_query + 5000)
+    return _l2(pca.transform(train)), _l2(pca.transform(test[:n_query])), \
+        _l2(pca.transform(test[n_query:]))
 
 
 def interp_benchmark(store_path: Path, new_dim: list[int], k: int, n_train: int,
@@ -88,17 +94,10 @@ def interp_benchmark(store_path: Path, new_dim: list[int], k: int, n_train: int,
     ids = store.ids()
     order = np.random.default_rng(seed).permutation(len(ids))
     half = len(ids) // 2
-    up_reader = LocalFeatureReader(store, new_dim, l2norm=True)
-    rows, total = [], 0
-    for i in order[:half]:
-        rows.append(up_reader.features(ids[i]))
-        total += len(rows[-1])
-        if total >= n_train:
-            break
-    train = np.concatenate(rows)[:n_train]
+    train = _read(LocalFeatureReader(store, new_dim, l2norm=True), ids, order[:half],
+                  n_train)
     pca = PCAWhitening.fit(train, min(pca_dim, train.shape[1]), whiten=True)
-    l2 = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # noqa: E731
-    cents = train_kmeans(l2(pca.transform(train)).astype(np.float32), k, kmeans_iters, seed,
+    cents = train_kmeans(_l2(pca.transform(train)).astype(np.float32), k, kmeans_iters, seed,
                          "approximate")
     cb = Codebook(cents, "exact")
     cba = Codebook(cents, "approximate")
