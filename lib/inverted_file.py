@@ -4,9 +4,9 @@ Why this shape: the original (``invidx``) stored 8 bytes per posting in one pack
 and scored through a ``std::map``; at 1M images that is ~8 GB to build in memory. Here
 the build runs partition by partition (bounded memory), the merge streams word blocks
 from the partitions straight to disk, a posting costs 6 bytes, and a query touches only
-the postings of its own words (the posting runs are concatenated into a sparse column
-block and multiplied by the query weights in scipy's compiled loop; ~2 ns of CPU per
-posting touched).
+the postings of its own words (its words' columns are selected from the whole index
+viewed as one CSC matrix and multiplied by the query weights, both in scipy's compiled
+loops; ~1.8 ns of CPU per posting touched).
 
 Format (a folder, written atomically; format version 1)::
 
@@ -63,15 +63,21 @@ WEIGHT_SCALE = 65535  # uint16 fixed point: stored = round(weight * WEIGHT_SCALE
 DEFAULT_PARTITION_POSTINGS = 1 << 25
 # Postings per merge block (read from all partitions, written out in one go).
 MERGE_BLOCK_POSTINGS = 1 << 24
-# Postings gathered at once while scoring (bounds a query's temporaries to ~100 MB).
-SCORE_BLOCK = 1 << 22
-# Up to SMALL_QUERY_POSTINGS + SMALL_QUERY_POSTINGS_PER_WORD x (query words) postings a
-# query gathers them with one fancy index and one np.add.at (~4.5 ns a posting): no
-# per-word slicing (~1 us a word) and no sparse-matrix set-up (~0.1 ms), which dominate
-# small indexes and many-word queries; the block product costs ~2 ns a posting. Both
+# Postings gathered at once while scoring. A block's copies (~10 bytes a posting) stay
+# in the CPU caches: a query touching 15.4M postings of a 105k index took 17 ms with
+# 2**19-posting blocks, 18 ms with 2**20 and 42-57 ms with 2**21-2**22 (one core).
+SCORE_BLOCK = 1 << 19
+# Up to SMALL_QUERY_POSTINGS postings a query gathers them with one fancy index and one
+# np.add.at (~20 us + ~4.9 ns a posting); above, it selects its words' columns from the
+# whole-index CSC matrix and multiplies (~55 us of scipy set-up + ~1.8 ns a posting):
+# the two cross near 11k postings (real-shape maps, 500 to 20k images, one core). Both
 # paths add the same float32 products in the same order.
-SMALL_QUERY_POSTINGS = 1 << 16
-SMALL_QUERY_POSTINGS_PER_WORD = 400
+SMALL_QUERY_POSTINGS = 12_000
+# top_k: rows of the score matrix whose column maxima bound the k-th score (see top_k).
+TOP_K_ROWS = 32
+# Largest index scored through one whole-index CSC matrix (int32 offsets); larger ones
+# slice their posting runs word by word (InvertedFile._whole_csc).
+CSC_MAX_POSTINGS = 2**31 - 1
 
 SparseVec = tuple[np.ndarray, np.ndarray]
 
@@ -378,6 +384,7 @@ class InvertedFile:
         # __array_finalize__), an ndarray ~0.15 us, and scoring slices once per query word
         self._docs, self._weights = np.asarray(docs), np.asarray(weights)
         self._df = np.diff(offsets)
+        self._csc: Any = False  # _whole_csc(): not built yet
 
     # ---- building
     @classmethod
@@ -477,16 +484,13 @@ class InvertedFile:
     def scores(self, q: SparseVec) -> np.ndarray:
         """Cosine score of every image (float32, n_docs), touching only the query's
         postings: per block of ~SCORE_BLOCK postings, the posting runs of the block's
-        words are concatenated into a (n_docs x block words) CSC matrix and multiplied
-        by the query weights (scipy's compiled loop; ~2 ns of CPU per posting against
-        ~3.5 for ``np.add.at``, benchmarks/bench_inverted_file.py). Each image's score
-        is accumulated in float32 in query-word order."""
-        from scipy import sparse
-
+        words become a (n_docs x block words) CSC matrix multiplied by the query weights
+        (scipy's compiled loop; ~2 ns of CPU per posting against ~3.5 for ``np.add.at``,
+        benchmarks/bench_inverted_file.py). Each image's score is accumulated in float32
+        in query-word order."""
         idx, val = self.query_weights(q)
-        acc = np.zeros(self.n_docs, np.float32)
         if idx.size == 0:
-            return acc
+            return np.zeros(self.n_docs, np.float32)
         if np.any(idx[1:] <= idx[:-1]):  # tolerate unsorted/duplicate query words
             uniq, inv = np.unique(idx, return_inverse=True)
             v = np.zeros(uniq.size, np.float64)
@@ -498,34 +502,60 @@ class InvertedFile:
         scale = (val * np.float32(1.0 / WEIGHT_SCALE)).astype(np.float32)
         cum = np.cumsum(lens)
         total = int(cum[-1])
-        if total <= SMALL_QUERY_POSTINGS + SMALL_QUERY_POSTINGS_PER_WORD * idx.size:
+        if total <= SMALL_QUERY_POSTINGS:
             pos = np.arange(total, dtype=np.int64) + np.repeat(starts - (cum - lens), lens)
             contrib = np.multiply(self._weights[pos], np.repeat(scale, lens),
                                   dtype=np.float32)
+            acc = np.zeros(self.n_docs, np.float32)
             np.add.at(acc, self._docs[pos], contrib)
             return acc
-        # groups of query words of ~SCORE_BLOCK postings: bounded temporaries at 1M docs
+        if total <= SCORE_BLOCK:
+            return np.asarray(self._columns(idx, starts, ends) @ scale, np.float32)
+        # groups of query words of ~SCORE_BLOCK postings: cache-sized copies
         cuts = np.searchsorted(cum, np.arange(SCORE_BLOCK, total, SCORE_BLOCK))
         bounds = [0, *np.unique(np.minimum(cuts + 1, idx.size)).tolist(), idx.size]
-        docs32 = self._docs.view(np.int32)  # doc ids < 2**31: same bytes, scipy's type
+        acc = np.zeros(self.n_docs, np.float32)
         for a, b in itertools.pairwise(bounds):
-            if a >= b:
-                continue
-            lo, hi = starts[a:b].tolist(), ends[a:b].tolist()
-            if lo == hi:
-                continue
-            # contiguous runs copied with memcpy speed; the comprehension over the query's
-            # words costs ~0.3 us a word
-            docs = np.concatenate([docs32[i:j] for i, j in zip(lo, hi)])
-            w = np.concatenate([self._weights[i:j] for i, j in zip(lo, hi)])
-            indptr = np.zeros(b - a + 1, np.int64 if docs.size >= 2**31 else np.int32)
-            np.cumsum(lens[a:b], out=indptr[1:])
-            block = sparse.csc_matrix((w, docs, indptr), shape=(self.n_docs, b - a))
-            part = block @ scale[a:b]
-            if len(bounds) == 2:
-                return np.asarray(part, np.float32)
-            acc += part
+            if a < b:
+                acc += self._columns(idx[a:b], starts[a:b], ends[a:b]) @ scale[a:b]
         return acc
+
+    def _columns(self, idx: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> Any:
+        """The posting runs of words ``idx`` (sorted, unique) as an (n_docs x len(idx))
+        CSC matrix, doc ids as row indices and stored weights as values."""
+        from scipy import sparse
+
+        whole = self._whole_csc()
+        if whole is not None:  # scipy copies the runs in one compiled call
+            return whole[:, idx]
+        docs32 = self._docs.view(np.int32)  # doc ids < 2**31: same bytes, scipy's type
+        lo, hi = starts.tolist(), ends.tolist()
+        # contiguous runs copied with memcpy speed; ~0.3 us a word for the comprehension
+        docs = np.concatenate([docs32[i:j] for i, j in zip(lo, hi)])
+        w = np.concatenate([self._weights[i:j] for i, j in zip(lo, hi)])
+        indptr = np.zeros(idx.size + 1, np.int64 if docs.size >= 2**31 else np.int32)
+        np.cumsum(ends - starts, out=indptr[1:])
+        return sparse.csc_matrix((w, docs, indptr), shape=(self.n_docs, idx.size))
+
+    def _whole_csc(self) -> Any:
+        """The whole index as one (n_docs x n_words) CSC matrix over the memory-mapped
+        arrays (no copy), built on first use; None past int32 offsets, where scipy would
+        copy every doc id to int64 (those indexes slice word by word instead).
+
+        Why: selecting a query's columns from it copies their posting runs in one
+        compiled call, ~0.2 ms for 118k postings against ~0.35 ms for slicing and
+        concatenating the runs word by word (benchmarks/bench_vs_asmk.py)."""
+        if self._csc is False:
+            from scipy import sparse
+
+            self._csc = None
+            if self.n_postings <= CSC_MAX_POSTINGS and self.n_docs < 2**31:
+                m = sparse.csc_matrix(
+                    (self._weights, self._docs.view(np.int32), self.offsets.astype(np.int32)),
+                    shape=(self.n_docs, self.n_words), copy=False)
+                if np.may_share_memory(m.indices, self._docs):  # scipy kept the mapping
+                    self._csc = m
+        return self._csc
 
     def postings_touched(self, q: SparseVec) -> int:
         """How many postings scoring ``q`` reads (the cost driver)."""
@@ -546,26 +576,35 @@ class InvertedFile:
 
 
 def top_k(s: np.ndarray, k: int) -> np.ndarray:
-    """``rank_scores(s)[:k]`` without sorting everything. A strided subsample's k-th
-    largest score is a safe lower bound for the k-th largest of all (a subset's j-th
-    largest never exceeds the whole set's), so only the ~k * stride scores above it are
-    ranked exactly: ~1 ms at 1M images where ``argpartition`` took ~10."""
+    """``rank_scores(s)[:k]`` without sorting everything.
+
+    The scores are viewed as a (B x n/B) matrix; if ``t`` is the k-th largest column
+    maximum, k columns hold a score >= t, so the k-th largest score is >= t and every
+    score that can rank in the top k lies in a column whose maximum is >= t (or in the
+    < B leftover scores). Only those ~k columns are gathered and ranked exactly. The
+    column maxima are one vectorised pass (an element-wise max of B contiguous rows):
+    ~45 us at 105k images against ~125 us for the strided-subsample bound used before
+    and ~1 ms for a full ranking."""
+    s = np.asarray(s)
     n = s.size
     k = min(int(k), n)
     if k <= 0:
         return np.zeros(0, np.int64)
-    if k == n:
-        return rank_scores(s)
-    stride = max(1, min(32, n // (4 * k)))
-    if stride > 1:
-        sub = s[::stride]
-        t = np.partition(sub, sub.size - k)[sub.size - k]
-        cand = np.flatnonzero(s >= t)
-    else:
-        cand = np.arange(n)
+    b = min(TOP_K_ROWS, n // (4 * k))
+    if b < 2:
+        return rank_scores(s)[:k]
+    g = n // b  # columns; g >= 4k
+    colmax = s[:b * g].reshape(b, g).max(axis=0)
+    t = np.partition(colmax, g - k)[g - k]
+    cols = np.flatnonzero(colmax >= t)
+    cand = (np.arange(b, dtype=np.int64)[:, None] * g + cols).ravel()
+    if b * g < n:
+        cand = np.concatenate([cand, np.arange(b * g, n)])
     sc = s[cand]
+    keep = np.flatnonzero(sc >= t)
+    cand, sc = cand[keep], sc[keep]
     if cand.size > k:  # keep everything tied with the exact k-th score
         kth = np.partition(sc, sc.size - k)[sc.size - k]
         keep = np.flatnonzero(sc >= kth)
         cand, sc = cand[keep], sc[keep]
-    return cand[np.lexsort((cand, -sc))[:k]].astype(np.int64)
+    return cand[np.lexsort((cand, -sc))[:k]]

@@ -63,19 +63,25 @@ def idf_reference(x: np.ndarray, q: np.ndarray) -> np.ndarray:
     return xi @ (qi / np.linalg.norm(qi))
 
 
-@pytest.mark.parametrize(("use_idf", "block", "small"), [
-    (False, 1 << 22, 1 << 16), (True, 1 << 22, 1 << 16),  # small queries: one gather
-    (False, 1 << 22, 0), (True, 1 << 22, 0),  # the sparse-block product
-    (False, 37, 0)])  # 37: many scoring blocks
+@pytest.mark.parametrize(("use_idf", "block", "small", "whole"), [
+    (False, 1 << 22, 1 << 16, True), (True, 1 << 22, 1 << 16, True),  # small: one gather
+    (False, 1 << 22, 0, True), (True, 1 << 22, 0, True),  # columns of the whole-index CSC
+    (False, 1 << 22, 0, False), (True, 1 << 22, 0, False),  # posting runs sliced per word
+    (False, 37, 0, True), (False, 37, 0, False)])  # 37: many scoring blocks
 def test_scores_match_dense_product(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                    use_idf: bool, block: int, small: int) -> None:
+                                    use_idf: bool, block: int, small: int,
+                                    whole: bool) -> None:
     monkeypatch.setattr(inverted_file, "SCORE_BLOCK", block)
     monkeypatch.setattr(inverted_file, "SMALL_QUERY_POSTINGS", small)
-    monkeypatch.setattr(inverted_file, "SMALL_QUERY_POSTINGS_PER_WORD", 400 if small else 0)
+    monkeypatch.setattr(inverted_file, "CSC_MAX_POSTINGS", 2**31 - 1 if whole else 0)
     rng = np.random.default_rng(1)
     vecs = random_vectors(rng, 200)
     ivf = InvertedFile.build(tmp_path / "ivf", vecs, K, ids(200), {"k": 1}, idf=use_idf,
                              partition_postings=500)
+    assert (ivf._whole_csc() is not None) == whole  # decided on first use, then kept
+    monkeypatch.setattr(inverted_file, "CSC_MAX_POSTINGS", 0 if whole else 2**31 - 1)
+    other = InvertedFile.load(ivf.path)  # the other way of reading posting runs
+    assert (other._whole_csc() is not None) != whole
     x = dense(vecs)
     for qv in random_vectors(rng, 12, max_nnz=60, empty_every=0):
         q = np.zeros(K)
@@ -88,12 +94,12 @@ def test_scores_match_dense_product(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         bound = STEP * np.abs(qs).sum() + 1e-6
         assert np.max(np.abs(got - ref)) <= bound
         assert np.max(np.abs(got - ref)) > 0 or not np.any(ref)  # really quantised
-        if block > 1000:  # one block: both scoring paths add the same products in order
+        # every path adds the same float32 products in query-word order: same bits
+        np.testing.assert_array_equal(other.scores(qv), got)
+        if block > 1000:  # one block: the one-gather path too
             monkeypatch.setattr(inverted_file, "SMALL_QUERY_POSTINGS", (1 << 16) - small)
-            monkeypatch.setattr(inverted_file, "SMALL_QUERY_POSTINGS_PER_WORD", 0 if small else 400)
             np.testing.assert_array_equal(ivf.scores(qv), got)
             monkeypatch.setattr(inverted_file, "SMALL_QUERY_POSTINGS", small)
-            monkeypatch.setattr(inverted_file, "SMALL_QUERY_POSTINGS_PER_WORD", 400 if small else 0)
 
 
 def test_quantisation_error_bound_and_ranking(tmp_path: Path) -> None:
@@ -289,11 +295,32 @@ def test_rank_scores_is_a_stable_descending_sort() -> None:
     small = s[:1000]  # below the radix path's size: one stable argsort, same order
     assert np.array_equal(rank_scores(small), np.argsort(-small, kind="stable"))
     assert np.array_equal(top_k(s, 321), ref[:321])
-    for k in (1, 7, 100, 1249, 4999, 5000):  # subsample bound (k << n) and direct paths
+    for k in (1, 7, 100, 1249, 4999, 5000):  # column-maximum bound (k << n), direct paths
         assert np.array_equal(top_k(s, k), ref[:k]), k
-    big = (rng.integers(0, 300, 200_000) / 3).astype(np.float32)  # stride 32, heavy ties
+    big = (rng.integers(0, 300, 200_000) / 3).astype(np.float32)  # 32 rows, heavy ties
     assert np.array_equal(top_k(big, 100), np.argsort(-big, kind="stable")[:100])
     neg = s - np.float32(1.0)  # negatives take the fallback path
     assert np.array_equal(rank_scores(neg), np.argsort(-neg, kind="stable"))
     s64 = s.astype(np.float64)
     assert np.array_equal(rank_scores(s64), ref)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_top_k_column_bound_is_exact_on_adversarial_scores(seed: int) -> None:
+    """The best scores crowded into one column of the bound's matrix, in the leftover
+    tail, mostly zeros, or tied: the first k of the full ranking every time."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(3_000, 40_000))
+    k = int(rng.integers(1, 60))
+    kind = seed % 3
+    if kind == 0:  # sparse, like a box query over a large index
+        s = np.where(rng.random(n) < 0.05, rng.random(n), 0.0).astype(np.float32)
+    elif kind == 1:  # few distinct values: ties everywhere
+        s = rng.integers(0, 4, n).astype(np.float32)
+    else:
+        s = rng.random(n).astype(np.float32)
+    b = min(inverted_file.TOP_K_ROWS, n // (4 * k))
+    g = n // b
+    s[np.arange(b) * g + 3] = 2.0 + rng.random(b)  # one column holds b top scores
+    s[b * g:] = 5.0  # and the leftover tail the very best
+    assert np.array_equal(top_k(s, k), np.argsort(-s, kind="stable")[:k])
