@@ -4,9 +4,8 @@ Why this shape: the original (``invidx``) stored 8 bytes per posting in one pack
 and scored through a ``std::map``; at 1M images that is ~8 GB to build in memory. Here
 the build runs partition by partition (bounded memory), the merge streams word blocks
 from the partitions straight to disk, a posting costs 6 bytes, and a query touches only
-the postings of its own words (its words' columns are selected from the whole index
-viewed as one CSC matrix and multiplied by the query weights, both in scipy's compiled
-loops; ~1.8 ns of CPU per posting touched).
+the postings of its own words (scipy's compiled sparse kernels copy the query's posting
+runs and multiply them by the query weights; ~1.3 ns of CPU per posting touched).
 
 Format (a folder, written atomically; format version 1)::
 
@@ -67,17 +66,11 @@ MERGE_BLOCK_POSTINGS = 1 << 24
 # in the CPU caches: a query touching 15.4M postings of a 105k index took 17 ms with
 # 2**19-posting blocks, 18 ms with 2**20 and 42-57 ms with 2**21-2**22 (one core).
 SCORE_BLOCK = 1 << 19
-# Up to SMALL_QUERY_POSTINGS postings a query gathers them with one fancy index and one
-# np.add.at (~20 us + ~4.9 ns a posting); above, it selects its words' columns from the
-# whole-index CSC matrix and multiplies (~55 us of scipy set-up + ~1.8 ns a posting):
-# the two cross near 11k postings (real-shape maps, 500 to 20k images, one core). Both
-# paths add the same float32 products in the same order.
-SMALL_QUERY_POSTINGS = 12_000
 # top_k: rows of the score matrix whose column maxima bound the k-th score (see top_k).
 TOP_K_ROWS = 32
-# Largest index scored through one whole-index CSC matrix (int32 offsets); larger ones
-# slice their posting runs word by word (InvertedFile._whole_csc).
-CSC_MAX_POSTINGS = 2**31 - 1
+# Largest index whose posting runs scipy's compiled kernels copy and multiply directly
+# (int32 offsets); larger ones slice the runs word by word (InvertedFile._run_kernels).
+KERNEL_MAX_POSTINGS = 2**31 - 1
 
 SparseVec = tuple[np.ndarray, np.ndarray]
 
@@ -384,7 +377,7 @@ class InvertedFile:
         # __array_finalize__), an ndarray ~0.15 us, and scoring slices once per query word
         self._docs, self._weights = np.asarray(docs), np.asarray(weights)
         self._df = np.diff(offsets)
-        self._csc: Any = False  # _whole_csc(): not built yet
+        self._kernels: Any = False  # _run_kernels(): not looked up yet
 
     # ---- building
     @classmethod
@@ -485,12 +478,13 @@ class InvertedFile:
         """Cosine score of every image (float32, n_docs), touching only the query's
         postings: per block of ~SCORE_BLOCK postings, the posting runs of the block's
         words become a (n_docs x block words) CSC matrix multiplied by the query weights
-        (scipy's compiled loop; ~2 ns of CPU per posting against ~3.5 for ``np.add.at``,
+        in scipy's compiled loop (~1.3 ns of CPU per posting; ``np.add.at`` took ~4.5,
         benchmarks/bench_inverted_file.py). Each image's score is accumulated in float32
-        in query-word order."""
+        in query-word order (with scipy's kernels, across blocks too)."""
         idx, val = self.query_weights(q)
+        out = np.zeros(self.n_docs, np.float32)
         if idx.size == 0:
-            return np.zeros(self.n_docs, np.float32)
+            return out
         if np.any(idx[1:] <= idx[:-1]):  # tolerate unsorted/duplicate query words
             uniq, inv = np.unique(idx, return_inverse=True)
             v = np.zeros(uniq.size, np.float64)
@@ -498,64 +492,75 @@ class InvertedFile:
             idx, val = uniq, v.astype(np.float32)
         starts = self.offsets[idx]
         ends = self.offsets[idx + 1]
-        lens = ends - starts
         scale = (val * np.float32(1.0 / WEIGHT_SCALE)).astype(np.float32)
-        cum = np.cumsum(lens)
+        cum = np.cumsum(ends - starts)
         total = int(cum[-1])
-        if total <= SMALL_QUERY_POSTINGS:
-            pos = np.arange(total, dtype=np.int64) + np.repeat(starts - (cum - lens), lens)
-            contrib = np.multiply(self._weights[pos], np.repeat(scale, lens),
-                                  dtype=np.float32)
-            acc = np.zeros(self.n_docs, np.float32)
-            np.add.at(acc, self._docs[pos], contrib)
-            return acc
         if total <= SCORE_BLOCK:
-            return np.asarray(self._columns(idx, starts, ends) @ scale, np.float32)
+            self._add_block(idx, starts, ends, scale, out)
+            return out
         # groups of query words of ~SCORE_BLOCK postings: cache-sized copies
         cuts = np.searchsorted(cum, np.arange(SCORE_BLOCK, total, SCORE_BLOCK))
         bounds = [0, *np.unique(np.minimum(cuts + 1, idx.size)).tolist(), idx.size]
-        acc = np.zeros(self.n_docs, np.float32)
         for a, b in itertools.pairwise(bounds):
             if a < b:
-                acc += self._columns(idx[a:b], starts[a:b], ends[a:b]) @ scale[a:b]
-        return acc
+                self._add_block(idx[a:b], starts[a:b], ends[a:b], scale[a:b], out)
+        return out
 
-    def _columns(self, idx: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> Any:
-        """The posting runs of words ``idx`` (sorted, unique) as an (n_docs x len(idx))
-        CSC matrix, doc ids as row indices and stored weights as values."""
+    def _add_block(self, idx: np.ndarray, starts: np.ndarray, ends: np.ndarray,
+                   scale: np.ndarray, out: np.ndarray) -> None:
+        """``out += B @ scale`` where B (n_docs x len(idx), CSC) holds the posting runs of
+        words ``idx`` (sorted, unique): doc ids as row indices, stored weights as
+        values."""
         from scipy import sparse
 
-        whole = self._whole_csc()
-        if whole is not None:  # scipy copies the runs in one compiled call
-            return whole[:, idx]
+        lens = ends - starts
+        kernels = self._run_kernels()
+        if kernels is not None:
+            row_index, matvec, off32, docs32 = kernels
+            indptr = np.zeros(idx.size + 1, np.int32)
+            np.cumsum(lens, out=indptr[1:])
+            rows = np.empty(int(indptr[-1]), np.int32)
+            w = np.empty(rows.size, np.uint16)
+            try:  # one compiled copy of the runs, one compiled product added into out
+                row_index(idx.size, idx.astype(np.int32), off32, docs32, self._weights, rows, w)
+                matvec(self.n_docs, idx.size, indptr, rows, w.astype(np.float32), scale, out)
+                return
+            except (TypeError, ValueError) as e:  # a scipy whose private kernels changed
+                log.warning("scipy's sparse kernels refused the call (%s); scoring through "
+                            "the public scipy.sparse API from now on (slower)", e)
+                self._kernels = None
         docs32 = self._docs.view(np.int32)  # doc ids < 2**31: same bytes, scipy's type
         lo, hi = starts.tolist(), ends.tolist()
         # contiguous runs copied with memcpy speed; ~0.3 us a word for the comprehension
         docs = np.concatenate([docs32[i:j] for i, j in zip(lo, hi)])
         w = np.concatenate([self._weights[i:j] for i, j in zip(lo, hi)])
         indptr = np.zeros(idx.size + 1, np.int64 if docs.size >= 2**31 else np.int32)
-        np.cumsum(ends - starts, out=indptr[1:])
-        return sparse.csc_matrix((w, docs, indptr), shape=(self.n_docs, idx.size))
+        np.cumsum(lens, out=indptr[1:])
+        out += sparse.csc_matrix((w, docs, indptr), shape=(self.n_docs, idx.size)) @ scale
 
-    def _whole_csc(self) -> Any:
-        """The whole index as one (n_docs x n_words) CSC matrix over the memory-mapped
-        arrays (no copy), built on first use; None past int32 offsets, where scipy would
-        copy every doc id to int64 (those indexes slice word by word instead).
+    def _run_kernels(self) -> Any:
+        """scipy's compiled kernels that copy rows of a CSR matrix and multiply a CSC
+        matrix by a vector (``scipy.sparse._sparsetools``: a private module, so every
+        use has the public API as fallback), with the offsets and doc ids as int32 (the
+        kernels' index type); None past int32 offsets or without the kernels.
 
-        Why: selecting a query's columns from it copies their posting runs in one
-        compiled call, ~0.2 ms for 118k postings against ~0.35 ms for slicing and
-        concatenating the runs word by word (benchmarks/bench_vs_asmk.py)."""
-        if self._csc is False:
-            from scipy import sparse
+        Why: the index's arrays are already a CSR matrix of words (offsets, docs,
+        weights), so the kernels copy a query's posting runs in one call instead of
+        slicing them word by word (Python objects per word) and skip the public API's
+        per-call checks: 0.16 ms for a 118k-posting query against 0.35 ms for slicing
+        and concatenating, and 0.23 ms for the public ``csc_matrix[:, words] @ q``
+        (benchmarks/bench_vs_asmk.py)."""
+        if self._kernels is False:
+            self._kernels = None
+            if self.n_postings <= KERNEL_MAX_POSTINGS and self.n_docs < 2**31:
+                try:
+                    from scipy.sparse import _sparsetools as st
 
-            self._csc = None
-            if self.n_postings <= CSC_MAX_POSTINGS and self.n_docs < 2**31:
-                m = sparse.csc_matrix(
-                    (self._weights, self._docs.view(np.int32), self.offsets.astype(np.int32)),
-                    shape=(self.n_docs, self.n_words), copy=False)
-                if np.may_share_memory(m.indices, self._docs):  # scipy kept the mapping
-                    self._csc = m
-        return self._csc
+                    self._kernels = (st.csr_row_index, st.csc_matvec,
+                                     self.offsets.astype(np.int32), self._docs.view(np.int32))
+                except (ImportError, AttributeError):
+                    log.debug("scipy.sparse._sparsetools unavailable: slicing posting runs")
+        return self._kernels
 
     def postings_touched(self, q: SparseVec) -> int:
         """How many postings scoring ``q`` reads (the cost driver)."""

@@ -63,25 +63,22 @@ def idf_reference(x: np.ndarray, q: np.ndarray) -> np.ndarray:
     return xi @ (qi / np.linalg.norm(qi))
 
 
-@pytest.mark.parametrize(("use_idf", "block", "small", "whole"), [
-    (False, 1 << 22, 1 << 16, True), (True, 1 << 22, 1 << 16, True),  # small: one gather
-    (False, 1 << 22, 0, True), (True, 1 << 22, 0, True),  # columns of the whole-index CSC
-    (False, 1 << 22, 0, False), (True, 1 << 22, 0, False),  # posting runs sliced per word
-    (False, 37, 0, True), (False, 37, 0, False)])  # 37: many scoring blocks
+@pytest.mark.parametrize(("use_idf", "block", "kernels"), [
+    (False, 1 << 22, True), (True, 1 << 22, True),  # scipy's compiled kernels
+    (False, 1 << 22, False), (True, 1 << 22, False),  # posting runs sliced per word
+    (False, 37, True), (False, 37, False)])  # 37: many scoring blocks
 def test_scores_match_dense_product(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                    use_idf: bool, block: int, small: int,
-                                    whole: bool) -> None:
+                                    use_idf: bool, block: int, kernels: bool) -> None:
     monkeypatch.setattr(inverted_file, "SCORE_BLOCK", block)
-    monkeypatch.setattr(inverted_file, "SMALL_QUERY_POSTINGS", small)
-    monkeypatch.setattr(inverted_file, "CSC_MAX_POSTINGS", 2**31 - 1 if whole else 0)
+    monkeypatch.setattr(inverted_file, "KERNEL_MAX_POSTINGS", 2**31 - 1 if kernels else 0)
     rng = np.random.default_rng(1)
     vecs = random_vectors(rng, 200)
     ivf = InvertedFile.build(tmp_path / "ivf", vecs, K, ids(200), {"k": 1}, idf=use_idf,
                              partition_postings=500)
-    assert (ivf._whole_csc() is not None) == whole  # decided on first use, then kept
-    monkeypatch.setattr(inverted_file, "CSC_MAX_POSTINGS", 0 if whole else 2**31 - 1)
+    assert (ivf._run_kernels() is not None) == kernels  # decided on first use, then kept
+    monkeypatch.setattr(inverted_file, "KERNEL_MAX_POSTINGS", 0 if kernels else 2**31 - 1)
     other = InvertedFile.load(ivf.path)  # the other way of reading posting runs
-    assert (other._whole_csc() is not None) != whole
+    assert (other._run_kernels() is not None) != kernels
     x = dense(vecs)
     for qv in random_vectors(rng, 12, max_nnz=60, empty_every=0):
         q = np.zeros(K)
@@ -94,12 +91,35 @@ def test_scores_match_dense_product(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         bound = STEP * np.abs(qs).sum() + 1e-6
         assert np.max(np.abs(got - ref)) <= bound
         assert np.max(np.abs(got - ref)) > 0 or not np.any(ref)  # really quantised
-        # every path adds the same float32 products in query-word order: same bits
-        np.testing.assert_array_equal(other.scores(qv), got)
-        if block > 1000:  # one block: the one-gather path too
-            monkeypatch.setattr(inverted_file, "SMALL_QUERY_POSTINGS", (1 << 16) - small)
+        if block > 1000:  # one block: both paths add the same products in word order
+            np.testing.assert_array_equal(other.scores(qv), got)
+        elif kernels:  # the kernels keep adding into the same scores across blocks
+            monkeypatch.setattr(inverted_file, "SCORE_BLOCK", 1 << 22)
             np.testing.assert_array_equal(ivf.scores(qv), got)
-            monkeypatch.setattr(inverted_file, "SMALL_QUERY_POSTINGS", small)
+            monkeypatch.setattr(inverted_file, "SCORE_BLOCK", block)
+
+
+def test_scores_survive_changed_private_scipy_kernels(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """scipy's kernels are a private module: if a new scipy changes their signature the
+    query is scored through the public API instead (same scores), with one warning."""
+    rng = np.random.default_rng(4)
+    vecs = random_vectors(rng, 100)
+    ivf = InvertedFile.build(tmp_path / "ivf", vecs, K, ids(100), {})
+    qv = random_vectors(rng, 1, max_nnz=40, empty_every=0)[0]
+    ref = ivf.scores(qv)
+    assert ivf._run_kernels() is not None
+
+    def changed(*args: object) -> None:
+        raise TypeError("csr_row_index() takes 8 arguments")
+
+    ivf._kernels = (changed, *ivf._kernels[1:])
+    with caplog.at_level("WARNING", logger="lib.inverted_file"):
+        np.testing.assert_array_equal(ivf.scores(qv), ref)
+        np.testing.assert_array_equal(ivf.scores(qv), ref)
+    assert ivf._kernels is None
+    assert sum("public scipy.sparse API" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_quantisation_error_bound_and_ranking(tmp_path: Path) -> None:
