@@ -34,6 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from lib.allocator import retain_freed_memory
 from lib.bow import centre_prior
 from lib.inverted_file import InvertedFile
 
@@ -368,6 +369,7 @@ def main(argv: list[str] | None = None) -> None:
                      a.real_maps)
         return
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    retain_freed_memory()  # as the pipeline scripts do (lib/allocator.py)
     work = a.workdir or Path(tempfile.mkdtemp(prefix="blcf-bench-ivf-"))
     try:
         out = work / "index"

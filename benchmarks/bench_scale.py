@@ -30,6 +30,8 @@ from bench_inverted_file import (
     measure_queries,
 )
 
+from lib.allocator import retain_freed_memory
+
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
@@ -49,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=RESULTS / "scale.csv")
     a = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    retain_freed_memory()  # as the pipeline scripts do (lib/allocator.py)
     sizes = [int(x) for x in a.sizes.split(",")]
     gen = make_generator(a.real_maps, a.zipf_s, a.zipf_r0, a.seed)
     work = a.workdir or Path(tempfile.mkdtemp(prefix="blcf-bench-scale-"))

@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_inverted_file import MAP_H, MAP_W, RESULTS, K, make_generator, measure_build
 
+from lib.allocator import retain_freed_memory
 from lib.bow import bow_vector
 from lib.inverted_file import InvertedFile
 
@@ -232,6 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     _asmk()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    retain_freed_memory()  # as the pipeline scripts do (lib/allocator.py)
     rows = []
     data = f"real:{a.real_maps.name}" if a.real_maps else "zipf"
     s = part_small(a.small, a.queries, a.dim, a.seed, a.top, a.reps, a.real_maps)

@@ -68,7 +68,11 @@ def load_from_args(args: argparse.Namespace):
 
 def run_main(body: Callable[[], int | None], step: str) -> None:
     """Run ``body`` and exit: 0 on success, the error's code for a UserError,
-    130 on Ctrl-C. Prints one clear line for the errors a user can fix."""
+    130 on Ctrl-C. Prints one clear line for the errors a user can fix. Freed memory
+    stays in the process (lib/allocator.py: query loops would page-fault otherwise)."""
+    from lib.allocator import retain_freed_memory
+
+    retain_freed_memory()
     try:
         code = body()
     except UserError as e:
