@@ -63,8 +63,9 @@ DEFAULT_PARTITION_POSTINGS = 1 << 25
 # Postings per merge block (read from all partitions, written out in one go).
 MERGE_BLOCK_POSTINGS = 1 << 24
 # Postings gathered at once while scoring. A block's copies (~10 bytes a posting) stay
-# in the CPU caches: a query touching 15.4M postings of a 105k index took 17 ms with
-# 2**19-posting blocks, 18 ms with 2**20 and 42-57 ms with 2**21-2**22 (one core).
+# in the CPU caches: a query touching 15.4M postings of a 105k index took 15.7-16.7 ms
+# of CPU with 2**17-2**20-posting blocks, 19.9 ms with 2**21 and ~42 ms with the 2**22
+# used before (one core).
 SCORE_BLOCK = 1 << 19
 # top_k: rows of the score matrix whose column maxima bound the k-th score (see top_k).
 TOP_K_ROWS = 32
