@@ -362,6 +362,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--csv", type=Path, default=None,
                     help="results file; a row is appended (default: results/inverted_file.csv"
                     ", or inverted_file_real.csv with --real-maps)")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="leave glibc's freed-memory handling as it is (to measure what "
+                    "lib.allocator.retain_freed_memory saves)")
     ap.add_argument("--_worker", type=Path, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a._worker is not None:
@@ -369,7 +372,8 @@ def main(argv: list[str] | None = None) -> None:
                      a.real_maps)
         return
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    retain_freed_memory()  # as the pipeline scripts do (lib/allocator.py)
+    if not a.default_malloc:
+        retain_freed_memory()  # as the pipeline scripts do (lib/allocator.py)
     work = a.workdir or Path(tempfile.mkdtemp(prefix="blcf-bench-ivf-"))
     try:
         out = work / "index"
