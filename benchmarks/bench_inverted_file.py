@@ -35,6 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lib.allocator import retain_freed_memory
+from lib.artefacts import atomic_path
 from lib.bow import centre_prior
 from lib.inverted_file import InvertedFile
 
@@ -425,15 +426,28 @@ def main(argv: list[str] | None = None) -> None:
         for k, v in q[name].items():
             row[f"{name}_{k}"] = round(v, 3)
     path = a.csv or RESULTS / ("inverted_file_real.csv" if a.real_maps else "inverted_file.csv")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists() or path.stat().st_size == 0
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            w.writeheader()
-        w.writerow(row)
+    append_csv_row(path, row)
     plot_query_cost(path)
     print(f"wrote {path} and {path.parent / 'query_cost.png'}")
+
+
+def append_csv_row(path: Path, row: dict) -> None:
+    """Add ``row`` to the results CSV at ``path``. A row with columns the file lacks
+    rewrites the file with the union of the columns (older rows leave the new ones
+    empty): appending it under the old header would shift every value after the first
+    new column into the wrong one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    fields: list[str] = []
+    if path.exists() and path.stat().st_size:
+        with open(path, newline="") as f:
+            r = csv.DictReader(f)
+            fields, rows = list(r.fieldnames or []), list(r)
+    union = fields + [k for k in row if k not in fields]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=union, restval="")
+        w.writeheader()
+        w.writerows([*rows, row])
 
 
 def plot_query_cost(path: Path) -> None:
