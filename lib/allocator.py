@@ -18,7 +18,6 @@ without using it. The pipeline scripts call :func:`retain_freed_memory` once at 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 
 log = logging.getLogger(__name__)
@@ -26,22 +25,23 @@ log = logging.getLogger(__name__)
 # glibc <malloc.h> parameter numbers
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-# glibc refuses mmap thresholds above HEAP_MAX_SIZE / 2 (32 MiB on 64-bit systems)
-MAX_MMAP_MIB = 32
 
 
-def retain_freed_memory(trim_mib: int = 256, mmap_mib: int = MAX_MMAP_MIB) -> bool:
-    """Set glibc's trim and mmap thresholds (MiB); True when glibc accepted both."""
-    name = ctypes.util.find_library("c")
+def retain_freed_memory(trim_mib: int = 256, mmap_mib: int = 32) -> bool:
+    """Set glibc's trim and mmap thresholds (MiB, each below 2048: mallopt takes a C
+    int of bytes); True when glibc accepted both. (glibc before 2.26 or so refuses mmap
+    thresholds above 32 MiB, hence that default.)"""
+    for name, v in (("trim_mib", trim_mib), ("mmap_mib", mmap_mib)):
+        if not 0 < int(v) < 2048:
+            raise ValueError(f"{name}={v}: give 1 to 2047 MiB")
     try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
+    except (OSError, AttributeError, TypeError):  # TypeError: Windows has no CDLL(None)
         log.debug("no glibc mallopt: freed memory handling left as it is")
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    ok = (mallopt(M_MMAP_THRESHOLD, min(int(mmap_mib), MAX_MMAP_MIB) << 20) == 1
+    ok = (mallopt(M_MMAP_THRESHOLD, int(mmap_mib) << 20) == 1
           and mallopt(M_TRIM_THRESHOLD, int(trim_mib) << 20) == 1)
     log.debug("glibc keeps up to %d MiB of freed memory: %s", trim_mib, ok)
     return ok

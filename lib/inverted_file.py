@@ -5,7 +5,7 @@ and scored through a ``std::map``; at 1M images that is ~8 GB to build in memory
 the build runs partition by partition (bounded memory), the merge streams word blocks
 from the partitions straight to disk, a posting costs 6 bytes, and a query touches only
 the postings of its own words (scipy's compiled sparse kernels copy the query's posting
-runs and multiply them by the query weights; ~1.3 ns of CPU per posting touched).
+runs and multiply them by the query weights; ~1-2 ns of CPU per posting touched).
 
 Format (a folder, written atomically; format version 1)::
 
@@ -479,9 +479,11 @@ class InvertedFile:
         """Cosine score of every image (float32, n_docs), touching only the query's
         postings: per block of ~SCORE_BLOCK postings, the posting runs of the block's
         words become a (n_docs x block words) CSC matrix multiplied by the query weights
-        in scipy's compiled loop (~1.3 ns of CPU per posting; ``np.add.at`` took ~4.5,
+        in scipy's compiled loop (~1-2 ns of CPU per posting; ``np.add.at`` took ~4.5,
         benchmarks/bench_inverted_file.py). Each image's score is accumulated in float32
-        in query-word order (with scipy's kernels, across blocks too)."""
+        in query-word order; with scipy's kernels across blocks too, while the public-API
+        fallback sums each block before adding it (a difference of ~1e-7 when a query
+        spans several blocks)."""
         idx, val = self.query_weights(q)
         out = np.zeros(self.n_docs, np.float32)
         if idx.size == 0:
@@ -552,15 +554,16 @@ class InvertedFile:
         and concatenating, and 0.23 ms for the public ``csc_matrix[:, words] @ q``
         (benchmarks/bench_vs_asmk.py)."""
         if self._kernels is False:
-            self._kernels = None
+            kernels = None
             if self.n_postings <= KERNEL_MAX_POSTINGS and self.n_docs < 2**31:
                 try:
                     from scipy.sparse import _sparsetools as st
 
-                    self._kernels = (st.csr_row_index, st.csc_matvec,
-                                     self.offsets.astype(np.int32), self._docs.view(np.int32))
+                    kernels = (st.csr_row_index, st.csc_matvec,
+                               self.offsets.astype(np.int32), self._docs.view(np.int32))
                 except (ImportError, AttributeError):
                     log.debug("scipy.sparse._sparsetools unavailable: slicing posting runs")
+            self._kernels = kernels  # one assignment: other threads see False or the result
         return self._kernels
 
     def postings_touched(self, q: SparseVec) -> int:
@@ -608,9 +611,14 @@ def top_k(s: np.ndarray, k: int) -> np.ndarray:
         cand = np.concatenate([cand, np.arange(b * g, n)])
     sc = s[cand]
     keep = np.flatnonzero(sc >= t)
-    cand, sc = cand[keep], sc[keep]
-    if cand.size > k:  # keep everything tied with the exact k-th score
+    cand, sc = cand[keep], sc[keep]  # ascending database indices
+    if cand.size > k:
+        # fewer than k scores lie above the exact k-th one: sort those; its ties follow
+        # in database order, which cand already has (no sort of a large tie, e.g. when
+        # fewer than k images score above zero)
         kth = np.partition(sc, sc.size - k)[sc.size - k]
-        keep = np.flatnonzero(sc >= kth)
-        cand, sc = cand[keep], sc[keep]
-    return cand[np.lexsort((cand, -sc))[:k]]
+        above = np.flatnonzero(sc > kth)
+        tied = np.flatnonzero(sc == kth)[:k - above.size]
+        ca, sa = cand[above], sc[above]
+        return np.concatenate([ca[np.lexsort((ca, -sa))], cand[tied]])
+    return cand[np.lexsort((cand, -sc))]

@@ -41,3 +41,12 @@ def test_retained_memory_stops_page_faults_in_a_query_loop() -> None:
     before, after = int(out[1]), int(out[2])
     # 10 rounds of ~32 MB written: ~8k faults a round when glibc gives the memory back
     assert after < 100 and after * 10 <= before, (before, after)
+
+
+def test_thresholds_beyond_a_c_int_are_refused() -> None:
+    from lib.allocator import retain_freed_memory
+
+    with pytest.raises(ValueError, match="trim_mib=4096"):
+        retain_freed_memory(trim_mib=4096)  # 4096 << 20 would wrap to 0: trim everything
+    with pytest.raises(ValueError, match="mmap_mib=0"):
+        retain_freed_memory(mmap_mib=0)

@@ -66,7 +66,8 @@ def idf_reference(x: np.ndarray, q: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize(("use_idf", "block", "kernels"), [
     (False, 1 << 22, True), (True, 1 << 22, True),  # scipy's compiled kernels
     (False, 1 << 22, False), (True, 1 << 22, False),  # posting runs sliced per word
-    (False, 37, True), (False, 37, False)])  # 37: many scoring blocks
+    (False, 37, True), (False, 37, False),  # 37: a block per word or so
+    (False, 1000, True), (True, 1000, False)])  # blocks of many words
 def test_scores_match_dense_product(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                     use_idf: bool, block: int, kernels: bool) -> None:
     monkeypatch.setattr(inverted_file, "SCORE_BLOCK", block)
@@ -93,7 +94,9 @@ def test_scores_match_dense_product(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         assert np.max(np.abs(got - ref)) > 0 or not np.any(ref)  # really quantised
         if block > 1000:  # one block: both paths add the same products in word order
             np.testing.assert_array_equal(other.scores(qv), got)
-        elif kernels:  # the kernels keep adding into the same scores across blocks
+        else:  # the fallback sums each block before adding it: float32 rounding apart
+            np.testing.assert_allclose(other.scores(qv), got, rtol=0, atol=1e-6)
+        if kernels and block <= 1000:  # the kernels keep adding into one array
             monkeypatch.setattr(inverted_file, "SCORE_BLOCK", 1 << 22)
             np.testing.assert_array_equal(ivf.scores(qv), got)
             monkeypatch.setattr(inverted_file, "SCORE_BLOCK", block)
@@ -344,3 +347,14 @@ def test_top_k_column_bound_is_exact_on_adversarial_scores(seed: int) -> None:
     s[np.arange(b) * g + 3] = 2.0 + rng.random(b)  # one column holds b top scores
     s[b * g:] = 5.0  # and the leftover tail the very best
     assert np.array_equal(top_k(s, k), np.argsort(-s, kind="stable")[:k])
+
+
+def test_top_k_with_fewer_scores_above_zero_than_k() -> None:
+    """A sparse query: most of the top k is the tie at zero, in database order."""
+    rng = np.random.default_rng(7)
+    for n, nz, k in ((200_000, 50, 100), (5_000, 0, 100), (5_000, 99, 100), (5_000, 100, 100),
+                     (5_000, 101, 100)):
+        s = np.zeros(n, np.float32)
+        s[rng.choice(n, nz, replace=False)] = rng.integers(1, 5, nz) / 4  # ties above 0
+        s[::7] = -0.0
+        assert np.array_equal(top_k(s, k), np.argsort(-s, kind="stable")[:k]), (n, nz)
