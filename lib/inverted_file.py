@@ -517,11 +517,13 @@ class InvertedFile:
         from scipy import sparse
 
         lens = ends - starts
+        # block column pointers; int32 (scipy's index type) unless the block is larger,
+        # which the kernels never see (they serve indexes of < 2**31 postings only)
+        indptr = np.zeros(idx.size + 1, np.int64 if lens.sum() >= 2**31 else np.int32)
+        np.cumsum(lens, out=indptr[1:])
         kernels = self._run_kernels()
         if kernels is not None:
             row_index, matvec, off32, docs32 = kernels
-            indptr = np.zeros(idx.size + 1, np.int32)
-            np.cumsum(lens, out=indptr[1:])
             rows = np.empty(int(indptr[-1]), np.int32)
             w = np.empty(rows.size, np.uint16)
             try:  # one compiled copy of the runs, one compiled product added into out
@@ -537,8 +539,6 @@ class InvertedFile:
         # contiguous runs copied with memcpy speed; ~0.3 us a word for the comprehension
         docs = np.concatenate([docs32[i:j] for i, j in zip(lo, hi)])
         w = np.concatenate([self._weights[i:j] for i, j in zip(lo, hi)])
-        indptr = np.zeros(idx.size + 1, np.int64 if docs.size >= 2**31 else np.int32)
-        np.cumsum(lens, out=indptr[1:])
         out += sparse.csc_matrix((w, docs, indptr), shape=(self.n_docs, idx.size)) @ scale
 
     def _run_kernels(self) -> Any:
