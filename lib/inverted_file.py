@@ -63,9 +63,9 @@ DEFAULT_PARTITION_POSTINGS = 1 << 25
 # Postings per merge block (read from all partitions, written out in one go).
 MERGE_BLOCK_POSTINGS = 1 << 24
 # Postings gathered at once while scoring. A block's copies (~10 bytes a posting) stay
-# in the CPU caches: a query touching 15.4M postings of a 105k index took 15.7-16.7 ms
-# of CPU with 2**17-2**20-posting blocks, 19.9 ms with 2**21 and ~42 ms with the 2**22
-# used before (one core).
+# in the CPU caches: a box query touching 15.5M postings of a 105k index took 15.4-16.4
+# ms of CPU with 2**17-2**20-posting blocks, 17.8 ms with 2**21 and 20.8 ms with the
+# 2**22 used before (one core, benchmarks/bench_scoring.py).
 SCORE_BLOCK = 1 << 19
 # top_k: rows of the score matrix whose column maxima bound the k-th score (see top_k).
 TOP_K_ROWS = 32
@@ -550,9 +550,8 @@ class InvertedFile:
         Why: the index's arrays are already a CSR matrix of words (offsets, docs,
         weights), so the kernels copy a query's posting runs in one call instead of
         slicing them word by word (Python objects per word) and skip the public API's
-        per-call checks: 0.16 ms for a 118k-posting query against 0.35 ms for slicing
-        and concatenating, and 0.23 ms for the public ``csc_matrix[:, words] @ q``
-        (benchmarks/bench_vs_asmk.py)."""
+        per-call checks: 0.23 ms for a 136k-posting box query at 105k images against
+        0.38 ms through the public API (benchmarks/bench_scoring.py)."""
         if self._kernels is False:
             kernels = None
             if self.n_postings <= KERNEL_MAX_POSTINGS and self.n_docs < 2**31:
@@ -592,8 +591,8 @@ def top_k(s: np.ndarray, k: int) -> np.ndarray:
     score that can rank in the top k lies in a column whose maximum is >= t (or in the
     < B leftover scores). Only those ~k columns are gathered and ranked exactly. The
     column maxima are one vectorised pass (an element-wise max of B contiguous rows):
-    ~45 us at 105k images against ~125 us for the strided-subsample bound used before
-    and ~1 ms for a full ranking."""
+    ~0.08 ms at 105k images against ~1.1 ms for a full ranking
+    (benchmarks/bench_scoring.py)."""
     s = np.asarray(s)
     n = s.size
     k = min(int(k), n)
