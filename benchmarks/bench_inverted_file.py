@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -237,6 +237,27 @@ def line_plot(path: Path, series: dict[str, tuple[Sequence[float], Sequence[floa
 
 
 # --------------------------------------------------------------------------- measurements
+
+def time_blocks(calls: dict[str, Callable[[int], object]], n_queries: int,
+                 reps: int) -> dict[str, float]:
+    """Median CPU ms per query of each call (``calls[name](i)`` runs query i). Each call
+    runs all queries back to back, as its own query loop would (warm caches); the calls
+    alternate in blocks, forward then backward, ``reps`` times, so a slow phase of a
+    shared box hits all. A first untimed pass over the queries warms every call."""
+    for f in calls.values():
+        for i in range(n_queries):
+            f(i)
+    names = list(calls)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(reps):
+        for n in names if r % 2 == 0 else names[::-1]:
+            f = calls[n]
+            for i in range(n_queries):
+                a = time.process_time()
+                f(i)
+                times[n].append(time.process_time() - a)
+    return {n: 1000 * float(np.median(v)) for n, v in times.items()}
+
 
 def build_worker(out: Path, n_images: int, s: float, r0: float, seed: int,
                  upsample: int = 1, real_maps: Path | None = None) -> None:

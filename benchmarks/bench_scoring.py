@@ -3,8 +3,8 @@ bench_inverted_file.py (``--workdir DIR``): scipy's kernels against the public-A
 fallback, the scoring block size, and top-100 (``top_k``) against the full ranking.
 
 Every variant scores the same queries (box queries of the index's own word model), in
-rotation (the order reversed every round, so a slow phase of a shared box hits all), one
-thread; the figures are medians of CPU time (``time.process_time``) per query.
+the alternating-block protocol of bench_vs_asmk.py (``time_blocks``), one thread; the
+figures are medians of CPU time (``time.process_time``) per query.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_scoring.py --workdir DIR \
         [--real-maps STORE]      # the same --real-maps the index was built with
@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_inverted_file import RESULTS, make_generator
+from bench_inverted_file import RESULTS, make_generator, time_blocks
 
 import lib.inverted_file as inverted_file
 from lib.allocator import retain_freed_memory
@@ -32,20 +31,6 @@ from lib.inverted_file import InvertedFile, top_k
 from lib.rankings import rank_scores
 
 BLOCKS = (1 << 17, 1 << 18, 1 << 19, 1 << 20, 1 << 21, 1 << 22)
-
-
-def _rotate(calls: dict[str, Callable[[int], object]], n: int, rounds: int
-            ) -> dict[str, float]:
-    """Median CPU ms per call of each variant, the variants rotated per query."""
-    names = list(calls)
-    times: dict[str, list[float]] = {k: [] for k in names}
-    for r in range(rounds):
-        for i in range(n):
-            for k in names if (r + i) % 2 == 0 else names[::-1]:
-                a = time.process_time()
-                calls[k](i)
-                times[k].append(time.process_time() - a)
-    return {k: round(1000 * float(np.median(v)), 4) for k, v in times.items()}
 
 
 def _with_block(ivf: InvertedFile, qs: list, block: int) -> Callable[[int], object]:
@@ -67,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="a bench_inverted_file.py --workdir holding index/")
     ap.add_argument("--real-maps", type=Path, default=None)
     ap.add_argument("--queries", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5, help="timed blocks per variant")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -88,13 +73,13 @@ def main(argv: list[str] | None = None) -> None:
         "kernels_ms": lambda i: ivf.scores(qs[i]),
         "public_api_ms": lambda i: public.scores(qs[i])}
     out: dict = {"index": str(path), "n_docs": ivf.n_docs, "postings_touched": touched,
-                 "paths": _rotate(calls, len(qs), a.rounds)}
+                 "paths": time_blocks(calls, len(qs), a.reps)}
     blocks = {f"block_{b}_ms": _with_block(ivf, qs, b) for b in BLOCKS}
-    out["blocks"] = _rotate(blocks, len(qs), a.rounds)
+    out["blocks"] = time_blocks(blocks, len(qs), a.reps)
     scores = [ivf.scores(q) for q in qs]
-    out["ranking"] = _rotate({"top_k_100_ms": lambda i: top_k(scores[i], 100),
+    out["ranking"] = time_blocks({"top_k_100_ms": lambda i: top_k(scores[i], 100),
                               "full_ranking_ms": lambda i: rank_scores(scores[i])},
-                             len(qs), a.rounds)
+                             len(qs), a.reps)
     print(json.dumps(out, indent=1))
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = "scoring_real.json" if a.real_maps else "scoring_zipf.json"

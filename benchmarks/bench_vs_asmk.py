@@ -44,7 +44,6 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +51,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_inverted_file import MAP_H, MAP_W, RESULTS, K, make_generator, measure_build
+from bench_inverted_file import (
+    MAP_H,
+    MAP_W,
+    RESULTS,
+    K,
+    make_generator,
+    measure_build,
+    time_blocks,
+)
 
 from lib.allocator import retain_freed_memory
 from lib.bow import bow_vector
@@ -75,25 +82,6 @@ def _features(centroids: np.ndarray, words: np.ndarray, rng: np.random.Generator
     x = centroids[words] + noise * rng.standard_normal((words.size, centroids.shape[1]),
                                                        dtype=np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def _time_blocks(calls: dict[str, Callable[[int], object]], n_queries: int,
-                 reps: int) -> dict[str, float]:
-    """Median CPU ms per query of each call, in alternating blocks (module docstring).
-    A first untimed pass over the queries warms every system."""
-    for f in calls.values():
-        for i in range(n_queries):
-            f(i)
-    names = list(calls)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(reps):
-        for n in names if r % 2 == 0 else names[::-1]:
-            f = calls[n]
-            for i in range(n_queries):
-                a = time.process_time()
-                f(i)
-                times[n].append(time.process_time() - a)
-    return {n: 1000 * float(np.median(v)) for n, v in times.items()}
 
 
 def part_small(n_images: int, n_queries: int, dim: int, seed: int, top: int, reps: int,
@@ -136,7 +124,7 @@ def part_small(n_images: int, n_queries: int, dim: int, seed: int, top: int, rep
             aivf.search(ades, ids, topk=topk,
                         similarity_func=lambda *x: kern.similarity(*x, **sim))
 
-        ms = _time_blocks({
+        ms = time_blocks({
             "blcf_ms": lambda i: ivf.search(bow_vector(qw[i], K)),
             "asmk_ms": lambda i: asmk_query(i, None),
             "blcf_top_ms": lambda i: ivf.search_top(bow_vector(qw[i], K), top),
@@ -189,7 +177,7 @@ def part_large(n_images: int, n_queries: int, bits: int, seed: int, top: int, re
                             _Kern, *x, **sim))
 
         scores = [ivf.scores(v) for v in qv]
-        ms = _time_blocks({
+        ms = time_blocks({
             "sort_floor_ms": lambda i: np.sort(scores[i]),
             "blcf_ms": lambda i: ivf.search(qv[i]),
             "asmk_ms": lambda i: asmk_query(i, None),

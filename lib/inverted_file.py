@@ -64,7 +64,7 @@ DEFAULT_PARTITION_POSTINGS = 1 << 25
 MERGE_BLOCK_POSTINGS = 1 << 24
 # Postings gathered at once while scoring. A block's copies (~10 bytes a posting) stay
 # in the CPU caches: a box query touching 15.5M postings of a 105k index took 15.4-16.4
-# ms of CPU with 2**17-2**20-posting blocks, 17.8 ms with 2**21 and 20.8 ms with the
+# ms of CPU with 2**17-2**20-posting blocks, 18.4 ms with 2**21 and 21.1 ms with the
 # 2**22 used before (one core, benchmarks/bench_scoring.py).
 SCORE_BLOCK = 1 << 19
 # top_k: rows of the score matrix whose column maxima bound the k-th score (see top_k).
@@ -551,7 +551,7 @@ class InvertedFile:
         weights), so the kernels copy a query's posting runs in one call instead of
         slicing them word by word (Python objects per word) and skip the public API's
         per-call checks: 0.23 ms for a 136k-posting box query at 105k images against
-        0.38 ms through the public API (benchmarks/bench_scoring.py)."""
+        0.37 ms through the public API (benchmarks/bench_scoring.py)."""
         if self._kernels is False:
             kernels = None
             if self.n_postings <= KERNEL_MAX_POSTINGS and self.n_docs < 2**31:
@@ -591,7 +591,7 @@ def top_k(s: np.ndarray, k: int) -> np.ndarray:
     score that can rank in the top k lies in a column whose maximum is >= t (or in the
     < B leftover scores). Only those ~k columns are gathered and ranked exactly. The
     column maxima are one vectorised pass (an element-wise max of B contiguous rows):
-    ~0.08 ms at 105k images against ~1.1 ms for a full ranking
+    ~0.07 ms at 105k images against ~1.1 ms for a full ranking
     (benchmarks/bench_scoring.py)."""
     s = np.asarray(s)
     n = s.size
