@@ -1,6 +1,6 @@
 """Benchmark: word assignment throughput (local features / s) against a K-word codebook,
 exact (FAISS brute force) vs approximate (the PQ fast-scan shortlist re-ranked exactly,
-``lib.codebook``), and the agreement of the approximate words with the exact ones. An
+``lib.vocabulary.codebook``), and the agreement of the approximate words with the exact ones. An
 HNSW graph over the centroids (FAISS ``IndexHNSWFlat``, M = 32, this project's previous
 approximate search) is timed alongside for comparison.
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -30,12 +29,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_kmeans import synthetic_features
-
-from lib.codebook import CANDIDATE_LADDER, Codebook, pq_layout, train_kmeans
+from benchmarks.bench_kmeans import synthetic_features
+from lib.vocabulary.codebook import CANDIDATE_LADDER, Codebook, pq_layout, train_kmeans
 
 
 def _l2(x: np.ndarray) -> np.ndarray:
@@ -60,9 +55,9 @@ def real_data(store_path: Path, new_dim: list[int] | None, n_train: int, n_query
     features (native maps, as step B reads them) from one half of the images, query and
     tuning features (maps upsampled to ``new_dim`` when given, as step C reads them)
     from the other half. PCA-whitening fitted on the training features."""
-    from lib.feature_store import FeatureStore
-    from lib.local_features import LocalFeatureReader
-    from lib.pca import PCAWhitening
+    from lib.features.feature_store import FeatureStore
+    from lib.features.local_features import LocalFeatureReader
+    from lib.vocabulary.pca import PCAWhitening
 
     store = FeatureStore(store_path)
     ids = store.ids()
@@ -86,9 +81,9 @@ def interp_benchmark(store_path: Path, new_dim: list[int], k: int, n_train: int,
     re-ranking of the 4r words of each feature's bilinear sources). PCA and words from
     the upsampled features of one half of the images, timed on ``n_images`` of the other
     half in batches of 32 images as step C reads them; rates count upsampled features."""
-    from lib.feature_store import FeatureStore
-    from lib.local_features import LocalFeatureReader
-    from lib.pca import PCAWhitening
+    from lib.features.feature_store import FeatureStore
+    from lib.features.local_features import LocalFeatureReader
+    from lib.vocabulary.pca import PCAWhitening
 
     store = FeatureStore(store_path)
     ids = store.ids()

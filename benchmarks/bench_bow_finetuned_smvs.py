@@ -47,12 +47,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_triplet_smvs import FOLDERS, test_split
-
-from lib.training_data import TrainingSet, write_training_json
+from benchmarks.bench_triplet_smvs import FOLDERS, test_split
+from lib.learned.training_data import TrainingSet, write_training_json
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = REPO / "bow_pipeline"
@@ -73,7 +69,7 @@ def write_train_list(data: Path, out: Path) -> Path:
 
 def write_test_subset(data: Path, out: Path) -> tuple[Path, Path]:
     """A dataset folder with the 150 images of titles 071–100 (symbolic links) and its
-    generic ground-truth JSON (the revisited layout, see datasets/groundtruth.py)."""
+    generic ground-truth JSON (the revisited layout, see lib/groundtruth/loader.py)."""
     db, queries, pos = test_split()
     images = out / "smvs_071_100" / "images"
     for i in db:
@@ -126,7 +122,7 @@ def train(args: argparse.Namespace, train_json: Path, out: Path, env: dict[str, 
 def checkpoint_summary(ck: Path) -> dict:
     """Layer, input size and per-epoch history (loss, active triplets, seconds) recorded
     in a step-T checkpoint."""
-    from lib.triplet import load_checkpoint
+    from lib.learned.triplet import load_checkpoint
 
     meta = load_checkpoint(ck)["meta"]
     hist = [{k: h[k] for k in ("epoch", "loss", "active_triplets", "triplets", "seconds")
@@ -159,7 +155,7 @@ def feature_change(features: Path) -> dict[str, float]:
     """How far step T moved the stored local features: per cell, cosine between the
     untrained and fine-tuned vectors of the same image and cell (mean over all cells),
     and ||fine-tuned - untrained|| / ||untrained|| per image (mean)."""
-    from lib.feature_store import FeatureStore
+    from lib.features.feature_store import FeatureStore
 
     a, b = (FeatureStore(next((features / w).glob("*.lmdb")))
             for w in ("untrained", "finetuned"))

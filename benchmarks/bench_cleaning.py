@@ -21,18 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from datasets.clean_noisy import CleanConfig, clean_set, cnn_feature_fn
 from datasets.noisy_demo import generate_noisy
-from lib.training_data import TrainingSet, read_training_json
+from lib.learned.training_data import TrainingSet, read_training_json
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark of step A: whole-step wall time vs the network's forward alone.
 
-Runs ``lib.extraction.run_extraction`` (decoding in DataLoader workers, bucketing,
+Runs ``lib.features.extraction.run_extraction`` (decoding in DataLoader workers, bucketing,
 forward, float16 LMDB writes) into a fresh store on the SMVS DVD images, and, in
 rotation with it, the forward passes alone on the same images pre-decoded in memory
 with the same batch composition. Reports the medians, their ratio (goal <= 1.10) and
@@ -16,13 +16,11 @@ import argparse
 import json
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 
 def main() -> None:
@@ -46,9 +44,9 @@ def main() -> None:
 
     import torch
 
-    from datasets.groundtruth import image_path, load_ground_truth
-    from lib.extraction import Extractor, run_extraction
-    from lib.images import load_image, resize_image
+    from lib.features.extraction import Extractor, run_extraction
+    from lib.features.images import load_image, resize_image
+    from lib.groundtruth.loader import image_path, load_ground_truth
     from lib.settings import load_settings
 
     if args.threads:

@@ -32,12 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from lib.allocator import retain_freed_memory
 from lib.artefacts import atomic_path
-from lib.bow import centre_prior
-from lib.inverted_file import InvertedFile
+from lib.index.bow import centre_prior
+from lib.index.inverted_file import InvertedFile
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MAP_H, MAP_W, K = 42, 32, 25000
@@ -118,7 +116,7 @@ class RealMaps(SyntheticMaps):
     Landscape maps are transposed to portrait so that boxes are spatial."""
 
     def __init__(self, store: Path, seed: int = 0, strata: int = 50) -> None:
-        from lib.assignment_store import AssignmentStore
+        from lib.index.assignment_store import AssignmentStore
 
         with AssignmentStore(store) as st:
             k = int(st.meta["n_centers"])

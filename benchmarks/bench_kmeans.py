@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lib.codebook import kmeans_objective, train_kmeans
-from lib.pca import PCAWhitening
+from lib.vocabulary.codebook import kmeans_objective, train_kmeans
+from lib.vocabulary.pca import PCAWhitening
 
 
 def _l2(x: np.ndarray) -> np.ndarray:
@@ -55,8 +52,8 @@ def synthetic_features(n: int, dim: int = 512, n_modes: int = 2000, seed: int = 
 
 def store_features(store_path: Path, n: int, seed: int) -> np.ndarray:
     """Up to ``n`` real native-size local features from a feature store, L2-PCA-L2."""
-    from lib.feature_store import FeatureStore
-    from lib.local_features import LocalFeatureReader
+    from lib.features.feature_store import FeatureStore
+    from lib.features.local_features import LocalFeatureReader
 
     store = FeatureStore(store_path)
     reader = LocalFeatureReader(store, None, l2norm=True)

@@ -1,4 +1,4 @@
-"""Spatial re-ranking cost per query: the vectorised lib.rerank against a per-window loop.
+"""Spatial re-ranking cost per query: the vectorised lib.search.rerank against a per-window loop.
 
 Goal (issue 6): <= 20 ms per query for T = 100 candidates of 42x32 maps, K = 25,000, on
 one core (run with OMP_NUM_THREADS=1). Each query is timed for every method in rotation
@@ -23,16 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lib.rerank import _WIN, ar_mask, lattice, rerank
+from lib.search.rerank import _WIN, ar_mask, lattice, rerank
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -93,7 +90,7 @@ def naive_rerank(q: np.ndarray, cells: tuple[int, int, int, int], cands: list[np
 
 def store_maps(path: Path, n: int) -> tuple[list[np.ndarray], int | None]:
     """The first n maps of an assignment store and its vocabulary size."""
-    from lib.assignment_store import AssignmentStore
+    from lib.index.assignment_store import AssignmentStore
 
     with AssignmentStore(path) as st:
         ids = st.ids()[:n]

@@ -15,13 +15,10 @@ import argparse
 import csv
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_inverted_file import (
+from benchmarks.bench_inverted_file import (
     RESULTS,
     index_bytes,
     line_plot,
@@ -29,7 +26,6 @@ from bench_inverted_file import (
     measure_build,
     measure_queries,
 )
-
 from lib.allocator import retain_freed_memory
 
 

@@ -15,20 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_inverted_file import RESULTS, make_generator, time_blocks
-
-import lib.inverted_file as inverted_file
+import lib.index.inverted_file as inverted_file
+from benchmarks.bench_inverted_file import RESULTS, make_generator, time_blocks
 from lib.allocator import retain_freed_memory
-from lib.inverted_file import InvertedFile, top_k
-from lib.rankings import rank_scores
+from lib.index.inverted_file import InvertedFile, top_k
+from lib.search.rankings import rank_scores
 
 BLOCKS = (1 << 17, 1 << 18, 1 << 19, 1 << 20, 1 << 21, 1 << 22)
 

@@ -58,7 +58,6 @@ def main() -> None:
         common += ["--set", o]
     if args.runs_root:
         common += ["--runs-root", str(args.runs_root)]
-    sys.path.insert(0, str(REPO))
     from lib.settings import load_settings
 
     s = load_settings(args.settings, overrides=[*args.overrides, f"path_images={data}",

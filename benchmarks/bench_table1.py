@@ -28,8 +28,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from lib.settings import load_settings
 
 REPO = Path(__file__).resolve().parent.parent

@@ -24,18 +24,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lib.rmac import fit_rmac_pca, region_vectors_for_pca, rmac
+from lib.learned.rmac import fit_rmac_pca, region_vectors_for_pca, rmac
+from lib.learned.training_data import TrainingSet, write_training_json
 from lib.settings import load_settings
-from lib.training_data import TrainingSet, write_training_json
 
 REPO = Path(__file__).resolve().parent.parent
 FOLDERS = ["Reference", "Canon", "Droid", "E63", "Palm"]
@@ -51,7 +48,7 @@ def test_split() -> tuple[list[str], list[str], list[set[str]]]:
 
 
 def average_precision(ranked: list[str], positives: set[str], junk: set[str]) -> float:
-    from lib.evaluation import average_precision as ap
+    from lib.evaluation.metrics import average_precision as ap
 
     return float(ap(ranked, positives, junk))
 
@@ -80,8 +77,8 @@ def main() -> None:
     args = p.parse_args()
     import torch
 
-    from lib.images import load_image, resize_image, target_size
-    from lib.triplet import run_training
+    from lib.features.images import load_image, resize_image, target_size
+    from lib.learned.triplet import run_training
 
     torch.set_num_threads(args.threads)
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-triplet-"))

@@ -41,17 +41,13 @@ import argparse
 import csv
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench_inverted_file import (
+from benchmarks.bench_inverted_file import (
     MAP_H,
     MAP_W,
     RESULTS,
@@ -60,10 +56,9 @@ from bench_inverted_file import (
     measure_build,
     time_blocks,
 )
-
 from lib.allocator import retain_freed_memory
-from lib.bow import bow_vector
-from lib.inverted_file import InvertedFile
+from lib.index.bow import bow_vector
+from lib.index.inverted_file import InvertedFile
 
 
 def _asmk():

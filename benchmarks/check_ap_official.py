@@ -17,27 +17,24 @@ Prints the maximum differences; exits 1 when one exceeds 1e-6.
     .venv/bin/python benchmarks/check_ap_official.py --read-timing   # E's input cost
 
 ``--read-timing`` instead times reading a 105k-image ranking folder (55 random lists,
-written with lib.rankings) and evaluating it: median of 3 reads.
+written with lib.search.rankings) and evaluating it: median of 3 reads.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import argparse
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
-from datasets.common import GroundTruth
-from datasets.oxford_paris import read_gt_files
-from datasets.revisited import read_revisited
-from lib.evaluation import average_precision, evaluate
-from lib.rankings import Rankings
+from lib.evaluation.metrics import average_precision, evaluate
+from lib.groundtruth.common import GroundTruth
+from lib.groundtruth.oxford_paris import read_gt_files
+from lib.groundtruth.revisited import read_revisited
+from lib.search.rankings import Rankings
 
 TOL = 1e-6
 REPO = Path(__file__).resolve().parent.parent
@@ -181,8 +178,8 @@ def fake_image_folder(root: Path, path_gt: Path, n_extra: int) -> Path:
 
 def read_timing(n: int = 105_000, nq: int = 55, seed: int = 0) -> None:
     """Time read_ranking_folder + evaluate on an Oxford105k-sized synthetic folder."""
-    from datasets.common import Query
-    from lib.rankings import rank_scores, read_ranking_folder, write_ranking_folder
+    from lib.groundtruth.common import Query
+    from lib.search.rankings import rank_scores, read_ranking_folder, write_ranking_folder
 
     rng = np.random.default_rng(seed)
     db = [f"d{i // 1000:03d}/image_{i:07d}" for i in range(n)]

@@ -23,11 +23,6 @@ forward pass; CUDA when present (device), fp16/bf16 via precision (CUDA only).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from lib.cli import load_from_args, make_parser, run_main, setup_logging
 
 
@@ -37,10 +32,10 @@ def main() -> None:
     setup_logging(args.verbose, args.quiet)
 
     def body() -> int:
-        from datasets.groundtruth import DISTRACTOR_PREFIX, load_ground_truth
         from lib.artefacts import output_lock
-        from lib.extraction import run_extraction
-        from lib.feature_store import FeatureStore
+        from lib.features.extraction import run_extraction
+        from lib.features.feature_store import FeatureStore
+        from lib.groundtruth.loader import DISTRACTOR_PREFIX, load_ground_truth
 
         settings = load_from_args(args)
         ids = load_ground_truth(settings).db_ids

@@ -19,14 +19,10 @@ Outputs (``path_models``, default <path_output>/models):
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,9 +30,8 @@ from tqdm import tqdm
 
 from lib.artefacts import check_fields, library_versions, output_lock
 from lib.cli import load_from_args, make_parser, run_main, setup_logging
-from lib.codebook import Codebook, train_kmeans
 from lib.errors import UserError
-from lib.models import (
+from lib.provenance import (
     CODEBOOK_FIELDS,
     HINT,
     check_codebook,
@@ -46,7 +41,8 @@ from lib.models import (
     models_paths,
     training_fields,
 )
-from lib.pca import PCAWhitening
+from lib.vocabulary.codebook import Codebook, train_kmeans
+from lib.vocabulary.pca import PCAWhitening
 
 log = logging.getLogger("blcf.B")
 _CHUNK = 65536
@@ -101,8 +97,8 @@ def main() -> None:
     setup_logging(args.verbose, args.quiet)
 
     def body() -> int:
-        from lib.feature_store import FeatureStore
-        from lib.local_features import LocalFeatureReader
+        from lib.features.feature_store import FeatureStore
+        from lib.features.local_features import LocalFeatureReader
 
         s = load_from_args(args)
         t0 = time.perf_counter()

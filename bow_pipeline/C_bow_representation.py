@@ -15,7 +15,7 @@ L2-normalised; ``idf`` optional) goes into the inverted file, in database order.
 
 Streaming (stream_distractors = true, for the 100k/1M distractor sets): the distractor
 images (ids "distractors/...", from path_distractors) that are not in the feature store
-are decoded, run through the network and assigned in one pass (lib/streaming.py) before
+are decoded, run through the network and assigned in one pass (lib/index/streaming.py) before
 the inverted file is built; only their word maps are stored, never their float maps.
 Same checks and resume as above; unreadable distractors are listed in
 assignments.corrupted.txt and left out. Step A then skips the distractors.
@@ -23,33 +23,29 @@ assignments.corrupted.txt and left out. Step A then skips the distractors.
 Outputs (path_output):
   assignments.lmdb/   word map (H x W, uint16 for K <= 65,536) + original size per image id
   assignments.corrupted.txt  (streaming only) image_id<TAB>reason of unreadable distractors
-  index/              inverted file (see lib/inverted_file.py and the README)
+  index/              inverted file (see lib/index/inverted_file.py and the README)
 """
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import logging
 import shutil
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
 from lib.artefacts import check_fields, library_versions, output_lock
-from lib.assignment_store import AssignmentStore
-from lib.bow import SparseVec
 from lib.cli import load_from_args, make_parser, run_main, setup_logging
-from lib.codebook import Codebook
-from lib.encoding import database_vector, word_dtype
 from lib.errors import ArtefactMismatchError, UserError
-from lib.models import check_provenance, expected_provenance, load_models
+from lib.index.assignment_store import AssignmentStore
+from lib.index.bow import SparseVec
+from lib.index.encoding import database_vector, word_dtype
+from lib.provenance import check_provenance, expected_provenance, load_models
+from lib.vocabulary.codebook import Codebook
 
 log = logging.getLogger("blcf.C")
 BATCH_IMAGES = 32  # images per assignment call and per LMDB transaction
@@ -130,10 +126,10 @@ def main() -> None:
     setup_logging(args.verbose, args.quiet)
 
     def body() -> int:
-        from datasets.groundtruth import load_ground_truth
-        from lib.feature_store import FeatureStore
-        from lib.inverted_file import InvertedFile
-        from lib.local_features import LocalFeatureReader
+        from lib.features.feature_store import FeatureStore
+        from lib.features.local_features import LocalFeatureReader
+        from lib.groundtruth.loader import load_ground_truth
+        from lib.index.inverted_file import InvertedFile
 
         s = load_from_args(args)
         t0 = time.perf_counter()
@@ -218,9 +214,9 @@ def _tune(s: Any, cb: Codebook, asg: AssignmentStore, reader: Any,
 def _stream(s: Any, pca: Any, cb: Codebook, asg: AssignmentStore, db_ids: list[str],
             sizes: dict[str, tuple[int, int]]) -> dict[str, Any]:
     """stream_distractors: the distractors without stored features go through the
-    network and the codebook in one pass (lib/streaming.py); only word maps are kept."""
-    from datasets.groundtruth import DISTRACTOR_PREFIX
-    from lib.streaming import stream_assignments
+    network and the codebook in one pass (lib/index/streaming.py); only word maps are kept."""
+    from lib.groundtruth.loader import DISTRACTOR_PREFIX
+    from lib.index.streaming import stream_assignments
 
     ids = [i for i in db_ids if i.startswith(DISTRACTOR_PREFIX) and i not in sizes]
     if not ids:

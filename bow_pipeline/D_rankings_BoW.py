@@ -24,13 +24,9 @@ localisations.json (best window per re-ranked image, in original pixels).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import logging
 import time
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -45,9 +41,9 @@ def main() -> None:
     setup_logging(args.verbose, args.quiet)
 
     def body() -> int:
-        from datasets.groundtruth import load_ground_truth
         from lib.artefacts import output_lock
-        from lib.queries import bow_rankings
+        from lib.groundtruth.loader import load_ground_truth
+        from lib.search.queries import bow_rankings
 
         s = load_from_args(args)
         gt = load_ground_truth(s)

@@ -18,13 +18,9 @@ queries.txt, lists/<query>.txt, scores.npy, ranking.json), for step E to evaluat
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import logging
 import time
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -39,9 +35,9 @@ def main() -> None:
     setup_logging(args.verbose, args.quiet)
 
     def body() -> int:
-        from datasets.groundtruth import load_ground_truth
         from lib.artefacts import output_lock
-        from lib.queries import pooling_rankings
+        from lib.groundtruth.loader import load_ground_truth
+        from lib.search.queries import pooling_rankings
 
         s = load_from_args(args)
         gt = load_ground_truth(s)

@@ -21,13 +21,9 @@ Outputs, in the ranking folder:
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import logging
 import math
+from pathlib import Path
 from typing import Any
 
 from lib.artefacts import output_lock, write_json_atomic, write_text_atomic
@@ -68,9 +64,9 @@ def summary(results: dict[str, Any], folder: Path, out: Path) -> str:
 
 def evaluate_folder(settings: Any, folder: Path) -> tuple[dict[str, Any], Any, Any]:
     """(results, ground truth, rankings) of one ranking folder."""
-    from datasets.groundtruth import load_ground_truth
-    from lib.evaluation import evaluate
-    from lib.rankings import read_ranking_folder
+    from lib.evaluation.metrics import evaluate
+    from lib.groundtruth.loader import load_ground_truth
+    from lib.search.rankings import read_ranking_folder
 
     gt = load_ground_truth(settings)
     if not folder.is_dir():
@@ -104,11 +100,11 @@ def main() -> None:
             write_json_atomic(folder / "results.json", results)
             if s.report:
                 try:
-                    from lib.report import write_report
+                    from lib.evaluation.report import write_report
                 except ModuleNotFoundError as e:
-                    if e.name != "lib.report":
+                    if e.name != "lib.evaluation.report":
                         raise
-                    log.warning("lib.report is not available; no HTML report written")
+                    log.warning("lib.evaluation.report is not available; no HTML report written")
                 else:
                     page = write_report(folder, gt, s, results, rankings)
                     log.info("report: %s", page)

@@ -2,7 +2,7 @@
 """Optional step T: fine-tune the backbone with an R-MAC head and a triplet loss.
 
 Input: a training list (``--train`` or the settings key ``train_json``), JSON
-``{"root": DIR, "images": [{"path": ..., "class": ...}]}`` (lib/training_data.py; clean a
+``{"root": DIR, "images": [{"path": ..., "class": ...}]}`` (lib/learned/training_data.py; clean a
 noisy one first with datasets/clean_noisy.py). Network, weights, input size and resize
 rule come from the settings, as in step A; the head pools ``train_layer`` (default: the
 last of ``layers``) on ``rmac_levels`` scales into ``train_dim`` dimensions.
@@ -24,10 +24,7 @@ CUDA is used when present (``device``); that path is untested here (CPU only).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lib.cli import load_from_args, make_parser, run_main, setup_logging
 
@@ -43,7 +40,7 @@ def main() -> None:
     setup_logging(args.verbose, args.quiet)
 
     def body() -> int:
-        from lib.triplet import run_training
+        from lib.learned.triplet import run_training
 
         for key in ("epochs", "lr", "margin"):
             if getattr(args, key) is not None:

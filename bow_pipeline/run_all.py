@@ -10,10 +10,7 @@ Prints one progress line per step and the final mAP.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lib.cli import load_from_args, make_parser, run_main, setup_logging
 from lib.pipeline import run_all

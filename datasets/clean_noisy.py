@@ -20,7 +20,7 @@ Defaults were tuned on the generated noisy set with seed 0 (benchmarks/bench_cle
 reports on other seeds and on SMVS photos) for Lite0 ``s6_expand`` at 320x240 (about
 20x15 = 300 cells per image); ``min_inliers`` scales with the number of cells.
 
-Output: the cleaned list (same format as the input, :mod:`lib.training_data`) and a
+Output: the cleaned list (same format as the input, :mod:`lib.learned.training_data`) and a
 report ``<OUT_JSON stem>.report.json``: per class the component sizes and per removed
 image the reason and its best inlier count with any class mate.
 
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -40,11 +39,9 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from lib.artefacts import write_json_atomic
 from lib.errors import UserError
-from lib.training_data import TrainingSet, read_training_json, write_training_json
+from lib.learned.training_data import TrainingSet, read_training_json, write_training_json
 
 log = logging.getLogger(__name__)
 
@@ -231,8 +228,8 @@ def cnn_feature_fn(ts: TrainingSet, network: str, weights: str, layer: str,
     order, landscape images transposed, as step A), L2-normalised cells + positions."""
     import torch
 
-    from lib.images import load_image, resize_image
-    from lib.networks import build_backbone
+    from lib.features.images import load_image, resize_image
+    from lib.features.networks import build_backbone
 
     bb = build_backbone(network, weights, [layer], weights_file)
     dev = torch.device("cuda" if device == "cuda" or (device == "auto"
@@ -282,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="datasets/clean_noisy.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("in_json", type=Path, help="noisy training list {root, images: "
-                   "[{path, class}]} (lib/training_data.py)")
+                   "[{path, class}]} (lib/learned/training_data.py)")
     p.add_argument("out_json", type=Path, help="cleaned list (same format); the report goes "
                    "to <OUT_JSON stem>.report.json next to it")
     p.add_argument("--network", default="efficientnet_lite0", choices=_NETWORKS)

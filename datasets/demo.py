@@ -26,15 +26,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lib.artefacts import atomic_path
 from lib.errors import UserError

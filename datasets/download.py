@@ -21,12 +21,6 @@ Why each step:
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import argparse
 import contextlib
 import hashlib
@@ -42,7 +36,7 @@ import urllib.request
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
@@ -281,7 +275,7 @@ def _install_file(src: Path, dest: Path, check: Callable[[Path], None] | None) -
 
 
 def _check_pickle(path: Path) -> None:
-    from datasets.revisited import load_restricted_pickle
+    from lib.groundtruth.revisited import load_restricted_pickle
 
     data = load_restricted_pickle(path)
     if not isinstance(data, dict) or "gnd" not in data:

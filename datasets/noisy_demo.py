@@ -11,7 +11,7 @@ of no class), each given a random class. The demo's deliberately tiny/occluded "
 views are left out (they are neither clearly right nor clearly wrong).
 
 Files in ``<out>``: ``scenes/`` (the demo set), ``train_noisy.json`` (the list, format of
-:mod:`lib.training_data`) and ``truth.json`` (``{path: {"class", "true_class", "wrong"}}``,
+:mod:`lib.learned.training_data`) and ``truth.json`` (``{path: {"class", "true_class", "wrong"}}``,
 ``true_class`` null for distractors).
 """
 
@@ -20,16 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from lib.artefacts import write_json_atomic
 from lib.errors import UserError
-from lib.training_data import TrainingSet, write_training_json
+from lib.learned.training_data import TrainingSet, write_training_json
 
 log = logging.getLogger(__name__)
 

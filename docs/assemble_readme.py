@@ -1,10 +1,8 @@
 """Assemble README.md from the section files in docs/readme/ (kept for editing) and the
 settings table generated from lib/settings.SCHEMA."""
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 from lib.settings import schema_markdown  # noqa: E402
 
 parts = [p.read_text(encoding="utf-8").strip() for p in sorted((REPO / "docs/readme").glob("*.md"))]

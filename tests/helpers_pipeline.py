@@ -223,7 +223,6 @@ def tree(folder: Path) -> list[str]:
 # Then it runs the real script as ``__main__``: the step under test is unchanged.
 FAULT_RUNNER = r'''
 import contextlib, os, runpy, signal, sys
-sys.path.insert(0, os.environ["BLCF_REPO"])
 _log = os.environ.get("BLCF_FI_LOG")
 _at = os.environ.get("BLCF_FI_AT", "-1")
 _sig = {"KILL": signal.SIGKILL, "INT": signal.SIGINT,
@@ -253,8 +252,8 @@ def wrap(owner, attr, label):
         return r
     setattr(owner, attr, hooked)
 import lib.artefacts as art
-import lib.feature_store as fs
-import lib.assignment_store as asg
+import lib.features.feature_store as fs
+import lib.index.assignment_store as asg
 wrap(fs.FeatureStore, "_write", "features.txn")
 wrap(asg.AssignmentStore, "put_many", "assignments.txn")
 wrap(asg.AssignmentStore, "set_meta", "assignments.meta")
@@ -349,7 +348,6 @@ def litter(run: Path) -> list[str]:
 # caches), each exactly as its command line would, stopping at the first failure.
 _SEQUENCE_RUNNER = r'''
 import os, runpy, sys
-sys.path.insert(0, os.environ["BLCF_REPO"])
 settings, scripts = sys.argv[1], sys.argv[2:]
 for script in scripts:
     sys.argv = [script, settings, "-q"]

@@ -1,5 +1,5 @@
 """Step A end to end on generated images: orientation, corrupt files, exact resume after
-an interruption, refusal of a mismatching store, the CLI (lib/extraction.py,
+an interruption, refusal of a mismatching store, the CLI (lib/features/extraction.py,
 bow_pipeline/A_feature_extraction.py). Random Lite0 weights at a tiny input size."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from lib.errors import ArtefactMismatchError
-from lib.extraction import Extractor, run_extraction
-from lib.feature_store import FeatureStore, corrupted_path
+from lib.features.extraction import Extractor, run_extraction
+from lib.features.feature_store import FeatureStore, corrupted_path
 from lib.settings import load_settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,7 +56,7 @@ def _dump(path: Path) -> dict[bytes, bytes]:
 
 
 def _ids(settings) -> list[str]:
-    from datasets.groundtruth import load_ground_truth
+    from lib.groundtruth.loader import load_ground_truth
 
     return load_ground_truth(settings).db_ids
 
@@ -82,7 +82,7 @@ def test_extraction_orientation_corrupt_and_exact_resume(tmp_path):
             assert maps["head"].shape == ((1280, 2, 1) if portrait else (1280, 1, 2))
     # the same maps as the single-image extractor (the query side), up to float16
     ext = Extractor(s)
-    from lib.images import load_image
+    from lib.features.images import load_image
 
     one = ext.extract(load_image(tmp_path / "images" / "l/4.jpg"))
     with FeatureStore(full) as st:

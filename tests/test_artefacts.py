@@ -70,7 +70,7 @@ def test_canonical_hash_ignores_key_order():
 def test_lock_refuses_second_holder_and_takes_over_stale(tmp_path):
     child = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys,time; sys.path.insert(0, sys.argv[1]);"
+         "import sys,time;"
          "from lib.artefacts import output_lock\n"
          "with output_lock(sys.argv[2], 'A'):\n print('held', flush=True); time.sleep(30)",
          str(Path(__file__).resolve().parent.parent), str(tmp_path)],

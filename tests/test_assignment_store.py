@@ -7,9 +7,9 @@ import struct
 import numpy as np
 import pytest
 
-from lib.assignment_store import HEADER, AssignmentStore
-from lib.encoding import word_dtype
 from lib.errors import UserError
+from lib.index.assignment_store import HEADER, AssignmentStore
+from lib.index.encoding import word_dtype
 
 
 def test_roundtrip_and_layout(tmp_path):

@@ -131,7 +131,7 @@ def test_odd_but_valid_image_decodes_like_its_rgb_twin(odd_images_run, image_id)
 
 
 def test_one_pixel_image_is_extracted(odd_images_run):
-    from lib.feature_store import FeatureStore
+    from lib.features.feature_store import FeatureStore
 
     store, _, _, _ = odd_images_run
     with FeatureStore(store) as st:

@@ -14,18 +14,18 @@ import lmdb
 import numpy as np
 import pytest
 
-from lib.assignment_store import AssignmentStore
-from lib.bow import sparse_dot
-from lib.codebook import Codebook
-from lib.encoding import database_vector, word_dtype
 from lib.errors import ArtefactMismatchError
-from lib.extraction import store_meta
-from lib.feature_store import FeatureStore
-from lib.local_features import LocalFeatureReader, maps_to_features
-from lib.models import load_models, models_paths
-from lib.networks import feature_provenance
-from lib.pca import PCAWhitening
+from lib.features.extraction import store_meta
+from lib.features.feature_store import FeatureStore
+from lib.features.local_features import LocalFeatureReader, maps_to_features
+from lib.features.networks import feature_provenance
+from lib.index.assignment_store import AssignmentStore
+from lib.index.bow import sparse_dot
+from lib.index.encoding import database_vector, word_dtype
+from lib.provenance import load_models, models_paths
 from lib.settings import load_settings
+from lib.vocabulary.codebook import Codebook
+from lib.vocabulary.pca import PCAWhitening
 
 REPO = Path(__file__).resolve().parent.parent
 C_CH = 24  # channels of the synthetic maps (any C works; the reader does not care)
@@ -111,7 +111,7 @@ def test_b_then_c(run_dir, capsys):
             feats = maps_to_features(reader.maps(i), True, pca)
             d = ((feats[:, None, :].astype(np.float64) - cb.centroids[None]) ** 2).sum(-1)
             np.testing.assert_array_equal(words.ravel(), d.argmin(1))
-    from lib.inverted_file import InvertedFile
+    from lib.index.inverted_file import InvertedFile
 
     inv = InvertedFile.load(run_dir / "out" / "index")
     assert inv.image_ids == DB and inv.n_words == 12

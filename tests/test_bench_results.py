@@ -4,12 +4,9 @@ rows under an older header (benchmarks/bench_inverted_file.append_csv_row)."""
 from __future__ import annotations
 
 import csv
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-
-from bench_inverted_file import append_csv_row
+from benchmarks.bench_inverted_file import append_csv_row
 
 
 def test_new_columns_rewrite_the_file_with_every_value_under_its_name(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lib.bow import (
+from lib.index.bow import (
     bow_vector,
     centre_prior,
     from_dense,
@@ -14,7 +14,7 @@ from lib.bow import (
     sparse_sum,
     to_dense,
 )
-from lib.geometry import box_is_valid, box_mask, box_to_cells, cells_to_box, resize_bilinear
+from lib.search.geometry import box_is_valid, box_mask, box_to_cells, cells_to_box, resize_bilinear
 
 
 def test_centre_prior_values():

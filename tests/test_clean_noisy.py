@@ -21,7 +21,7 @@ from datasets.clean_noisy import (
 )
 from datasets.noisy_demo import generate_noisy
 from lib.errors import UserError
-from lib.training_data import TrainingSet, read_training_json, write_training_json
+from lib.learned.training_data import TrainingSet, read_training_json, write_training_json
 
 D = 32
 

@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from lib.codebook import Codebook, kmeans_objective, train_kmeans
 from lib.errors import UserError
+from lib.vocabulary.codebook import Codebook, kmeans_objective, train_kmeans
 
 
 def _blobs(n: int = 3000, d: int = 16, k: int = 20, seed: int = 0):
@@ -100,7 +100,7 @@ def _isotropic(n: int, d: int, seed: int) -> np.ndarray:
 
 
 def test_approximate_assignment_agrees_after_tuning():
-    from lib.codebook import APPROX_MIN_K, CANDIDATE_LADDER
+    from lib.vocabulary.codebook import APPROX_MIN_K, CANDIDATE_LADDER
 
     cents = _isotropic(2000, 36, 1) * 1.1  # 36-D: 36 sub-quantisers of 1-D
     x = _isotropic(6000, 36, 2)
@@ -169,7 +169,7 @@ def test_save_load_roundtrip(tmp_path):
 
 def _maps_pair(seed: int, c: int = 16, hw: tuple[int, int] = (5, 4),
                up_hw: tuple[int, int] = (9, 7)):
-    from lib.local_features import maps_to_features, upsample
+    from lib.features.local_features import maps_to_features, upsample
 
     rng = np.random.default_rng(seed)
     native = rng.standard_normal((c, *hw)).astype(np.float32)
@@ -203,7 +203,7 @@ def test_assign_upsampled_sources_follow_the_bilinear_grid():
 def test_assign_upsampled_agrees_with_exact_on_smooth_maps():
     # realistic case: K >> r, a spatially smooth native map (neighbouring conv cells are
     # correlated) upsampled 2x; nearly every interpolated feature keeps the exact word
-    from lib.local_features import maps_to_features, upsample
+    from lib.features.local_features import maps_to_features, upsample
 
     rng = np.random.default_rng(3)
     coarse = rng.standard_normal((32, 3, 3)).astype(np.float32)

@@ -13,19 +13,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datasets.groundtruth import load_ground_truth
-from lib.assignment_store import AssignmentStore
-from lib.bow import centre_prior
-from lib.codebook import Codebook
-from lib.encoding import database_vector
 from lib.errors import UserError
-from lib.inverted_file import InvertedFile
-from lib.masks import query_weights
-from lib.models import expected_provenance, models_paths, training_fields
-from lib.pca import PCAWhitening
-from lib.queries import bow_rankings, pooling_rankings
-from lib.rankings import read_ranking_folder
+from lib.groundtruth.loader import load_ground_truth
+from lib.index.assignment_store import AssignmentStore
+from lib.index.bow import centre_prior
+from lib.index.encoding import database_vector
+from lib.index.inverted_file import InvertedFile
+from lib.provenance import expected_provenance, models_paths, training_fields
+from lib.search.masks import query_weights
+from lib.search.queries import bow_rankings, pooling_rankings
+from lib.search.rankings import read_ranking_folder
 from lib.settings import load_settings
+from lib.vocabulary.codebook import Codebook
+from lib.vocabulary.pca import PCAWhitening
 
 REPO = Path(__file__).resolve().parent.parent
 K = 8
@@ -177,7 +177,7 @@ def test_script_end_to_end_and_exit_code(tmp_path):
 
 
 def _feature_store(sp: Path, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    from lib.feature_store import FeatureStore
+    from lib.features.feature_store import FeatureStore
 
     s = load_settings(sp)
     maps = {i: rng.random((5, 3, 4)).astype(np.float32) for i in IDS}

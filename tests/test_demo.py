@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 import datasets.demo as demo
-from datasets.groundtruth import read_generic_json
 from lib.errors import UserError
+from lib.groundtruth.loader import read_generic_json
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = {"n_objects": 4, "views_per_object": 2, "n_distractors": 4, "image_size": (96, 128)}
@@ -164,7 +164,7 @@ def test_settings_file_points_at_the_generated_set(small_set: Path, tmp_path: Pa
     data.mkdir()
     (data / "demo").symlink_to(small_set, target_is_directory=True)
     s = load_settings(REPO / "settings" / "demo.json", data_root=data, runs_root=tmp_path)
-    from datasets.groundtruth import load_ground_truth
+    from lib.groundtruth.loader import load_ground_truth
 
     gt = load_ground_truth(s)
     assert len(gt.queries) == SMALL["n_objects"] and all(q.bbox for q in gt.queries)

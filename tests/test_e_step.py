@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datasets.groundtruth import load_ground_truth
-from lib.evaluation import average_precision
-from lib.rankings import rank_scores, write_ranking_folder
+from lib.evaluation.metrics import average_precision
+from lib.groundtruth.loader import load_ground_truth
+from lib.search.rankings import rank_scores, write_ranking_folder
 from lib.settings import load_settings
 
 REPO = Path(__file__).resolve().parent.parent

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lib.bow import centre_prior, sparse_dot
-from lib.encoding import database_vector, word_dtype, words_from_maps
+from lib.index.bow import centre_prior, sparse_dot
+from lib.index.encoding import database_vector, word_dtype, words_from_maps
 
 
 def test_word_dtype():
@@ -49,8 +49,8 @@ def test_database_vector_counts():
 
 
 def test_words_from_maps_is_l2_pca_l2_then_nearest_word():
-    from lib.codebook import Codebook
-    from lib.pca import PCAWhitening
+    from lib.vocabulary.codebook import Codebook
+    from lib.vocabulary.pca import PCAWhitening
 
     rng = np.random.default_rng(1)
     train = np.maximum(rng.standard_normal((400, 10)), 0).astype(np.float32)

@@ -103,8 +103,8 @@ def test_pooling_baseline_and_rerun_with_other_masking(run):
     res = json.loads((root / "run" / "pooling_gem" / "results.json").read_text())
     assert res["map"] >= MAP_FLOOR_POOLING, res["map"]
     # GS from the cached query maps (in-process: no interpreter start-up): no network pass
-    from datasets.groundtruth import load_ground_truth
-    from lib.queries import bow_rankings
+    from lib.groundtruth.loader import load_ground_truth
+    from lib.search.queries import bow_rankings
     from lib.settings import load_settings
 
     s = load_settings(sp, overrides={"masking": 0, "rerank": False, "query_expansion": "none"})

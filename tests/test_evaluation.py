@@ -8,8 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from datasets.common import GroundTruth, Query
-from lib.evaluation import (
+from lib.evaluation.metrics import (
     ap_from_ranks,
     average_precision,
     collapse_to_shots,
@@ -19,7 +18,8 @@ from lib.evaluation import (
     precision_recall,
     shot_average_precision,
 )
-from lib.rankings import Rankings
+from lib.groundtruth.common import GroundTruth, Query
+from lib.search.rankings import Rankings
 
 # [p, n, p] with two positives: 0.5*(1+1)/2 + 0 + 0.5*(1/2 + 2/3)/2 = 19/24
 TWO_OF_THREE = 19 / 24

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lib.bow import bow_vector, centre_prior, to_dense
-from lib.expansion import average_query, gqe, lqe
-from lib.rerank import rerank
+from lib.index.bow import bow_vector, centre_prior, to_dense
+from lib.search.expansion import average_query, gqe, lqe
+from lib.search.rerank import rerank
 
 K = 60
 

@@ -1,4 +1,5 @@
-"""The LMDB feature store: value layout, round trips, metadata, growth (lib/feature_store.py)."""
+"""The LMDB feature store (lib/features/feature_store.py): value layout, round trips,
+metadata, growth."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import struct
 import numpy as np
 import pytest
 
-from lib import feature_store as fs
 from lib.errors import UserError
-from lib.feature_store import (
+from lib.features import feature_store as fs
+from lib.features.feature_store import (
     FeatureStore,
     corrupted_path,
     decode_record,

@@ -1,4 +1,4 @@
-"""Image loading oddities and the resize rules (lib/images.py)."""
+"""Image loading oddities and the resize rules (lib/features/images.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from lib.images import (
+from lib.features.images import (
     CorruptImageError,
     is_portrait,
     load_image,

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lib import inverted_file
 from lib.errors import ArtefactMismatchError, UserError
-from lib.inverted_file import (
+from lib.index import inverted_file
+from lib.index.inverted_file import (
     WEIGHT_SCALE,
     InvertedFile,
     build_partition,
@@ -118,7 +118,7 @@ def test_scores_survive_changed_private_scipy_kernels(tmp_path: Path,
         raise TypeError("csr_row_index() takes 8 arguments")
 
     ivf._kernels = (changed, *ivf._kernels[1:])
-    with caplog.at_level("WARNING", logger="lib.inverted_file"):
+    with caplog.at_level("WARNING", logger="lib.index.inverted_file"):
         np.testing.assert_array_equal(ivf.scores(qv), ref)
         np.testing.assert_array_equal(ivf.scores(qv), ref)
     assert ivf._kernels is None

@@ -1,5 +1,5 @@
 """The reader: upsampling geometry, row-major flattening, L2-PCA-L2, sampling, pooling,
-and the absence of the original's multi-layer bugs (lib/local_features.py)."""
+and the absence of the original's multi-layer bugs (lib/features/local_features.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 from scipy import ndimage
 
 from lib.errors import UserError
-from lib.feature_store import FeatureStore
-from lib.local_features import LocalFeatureReader, l2n, maps_to_features, upsample
+from lib.features.feature_store import FeatureStore
+from lib.features.local_features import LocalFeatureReader, l2n, maps_to_features, upsample
 
 
 def test_l2n_keeps_zero_rows():

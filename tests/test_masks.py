@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lib.errors import UserError
-from lib.masks import distance_weights, mask_bounds, query_weights
+from lib.search.masks import distance_weights, mask_bounds, query_weights
 
 
 def test_mode0_and_no_box_mean_all_words():

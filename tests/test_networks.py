@@ -1,5 +1,5 @@
 """Backbones: shapes, strides, preprocessing per weight family, weight loading, provenance
-(lib/networks.py). Random weights where only shapes matter; no downloads."""
+(lib/features/networks.py). Random weights where only shapes matter; no downloads."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from lib import networks
 from lib.errors import UserError
-from lib.networks import PREPROCESSING, build_backbone, feature_provenance, resolve_family
+from lib.features import networks
+from lib.features.networks import PREPROCESSING, build_backbone, feature_provenance, resolve_family
 
 CASES = [
     ("vgg16", ["conv1_1", "pool1", "conv4_3", "conv5_1", "pool5", "pool5_ceil"]),

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lib.errors import UserError
-from lib.pca import PCAWhitening
+from lib.vocabulary.pca import PCAWhitening
 
 
 def _data(n: int = 600, d: int = 12, seed: int = 0) -> np.ndarray:
@@ -103,7 +103,7 @@ def test_fit_does_not_depend_on_the_blas_thread_count():
     # different pca_hash values downstream) because BLAS reductions depend on threads
     from threadpoolctl import threadpool_limits
 
-    from lib.pca import PCAWhitening
+    from lib.vocabulary.pca import PCAWhitening
 
     x = np.random.default_rng(5).standard_normal((4000, 64)).astype(np.float32)
     with threadpool_limits(limits=1):

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lib.bow import sparse_dot, to_dense
-from lib.geometry import box_mask
-from lib.masks import mask_bounds, query_weights
-from lib.queries import (
+from lib.index.bow import sparse_dot, to_dense
+from lib.search.geometry import box_mask
+from lib.search.masks import mask_bounds, query_weights
+from lib.search.queries import (
     VARIANTS,
     Variant,
     crop_geometry,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lib.errors import UserError
-from lib.rankings import rank_scores, read_ranking_folder, read_scores, write_ranking_folder
+from lib.search.rankings import rank_scores, read_ranking_folder, read_scores, write_ranking_folder
 
 DB = [f"img{i:02d}" for i in range(8)]
 

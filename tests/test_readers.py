@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datasets.groundtruth import load_ground_truth
-from datasets.oxford_paris import read_oxford, read_paris
-from datasets.revisited import load_restricted_pickle, read_revisited
-from datasets.trecvid import read_qrels, read_trecvid, shot_of
 from lib.errors import UserError
+from lib.groundtruth.loader import load_ground_truth
+from lib.groundtruth.oxford_paris import read_oxford, read_paris
+from lib.groundtruth.revisited import load_restricted_pickle, read_revisited
+from lib.groundtruth.trecvid import read_qrels, read_trecvid, shot_of
 from lib.settings import load_settings
 
 FIX = Path(__file__).resolve().parent / "fixtures"

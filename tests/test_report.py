@@ -15,19 +15,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datasets.groundtruth import load_ground_truth
-from lib.plots import PALETTE, Series, bar_chart, line_chart, nice_ticks
-from lib.report import per_query_ap, select_queries, write_report
+from lib.evaluation.plots import PALETTE, Series, bar_chart, line_chart, nice_ticks
+from lib.evaluation.report import per_query_ap, select_queries, write_report
+from lib.groundtruth.loader import load_ground_truth
 from lib.settings import load_settings
 
 POS, NEG, JUNK = (26, 158, 26), (214, 39, 40), (158, 158, 158)
 
 
 def _rankings(queries, lists, localisations):
-    """A lib.rankings.Rankings when that module exists, else the same fields."""
+    """A lib.search.rankings.Rankings when that module exists, else the same fields."""
     fields = {"queries": queries, "lists": lists, "meta": {}, "localisations": localisations}
     try:
-        from lib.rankings import Rankings
+        from lib.search.rankings import Rankings
     except ImportError:
         return SimpleNamespace(**fields)
     return Rankings(**fields)
@@ -190,7 +190,7 @@ def test_missing_image_gets_a_placeholder(setup, caplog) -> None:
 
 def test_trecvid_is_judged_by_shot(setup) -> None:
     s, _, _, tmp = setup
-    from datasets.common import GroundTruth, Query
+    from lib.groundtruth.common import GroundTruth, Query
 
     shots = {"im0": "s1", "im1": "s1", "im2": "s2", "im3": "s3", "im4": "s4", "im5": "s4"}
     gt = GroundTruth("tv", "trecvid", [f"im{i}" for i in range(6)],

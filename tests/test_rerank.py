@@ -8,9 +8,9 @@ import itertools
 import numpy as np
 import pytest
 
-from lib import rerank as rr
-from lib.bow import bow_vector
-from lib.rerank import (
+from lib.index.bow import bow_vector
+from lib.search import rerank as rr
+from lib.search.rerank import (
     apply_rerank,
     ar_mask,
     lattice,

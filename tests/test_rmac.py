@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lib.rmac import (
+from lib.learned.rmac import (
     affine_of,
     extra_regions,
     fit_rmac_pca,

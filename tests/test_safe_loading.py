@@ -1,6 +1,6 @@
 """No unrestricted unpickling anywhere in the project's code.
 
-Ground-truth pickles go through the restricted unpickler in datasets/revisited.py;
+Ground-truth pickles go through the restricted unpickler in lib/groundtruth/revisited.py;
 torch checkpoints load with ``weights_only=True``; ``.npy`` files without pickles.
 """
 

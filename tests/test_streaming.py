@@ -1,4 +1,4 @@
-"""The streaming mode for distractors (lib/streaming.py, step C with stream_distractors).
+"""The streaming mode for distractors (lib/index/streaming.py, step C with stream_distractors).
 
 Why these tests: the streaming pass must be a pure storage optimisation. With the same PCA
 and codebook, its assignment maps and inverted file must be byte-identical to the normal
@@ -46,8 +46,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Two runs on one tiny dataset: normal (A, B, C over everything) and streaming
     (A over the dataset's own images, C streams the distractors with the normal run's
     PCA and codebook)."""
-    from datasets.groundtruth import DISTRACTOR_PREFIX, load_ground_truth
-    from lib.extraction import run_extraction
+    from lib.features.extraction import run_extraction
+    from lib.groundtruth.loader import DISTRACTOR_PREFIX, load_ground_truth
 
     root = tmp_path_factory.mktemp("stream")
     _write_distractors(root)
@@ -98,17 +98,17 @@ def test_stream_identical_to_normal_path(runs: dict[str, Path]) -> None:
 
 
 def _store_for(s: Any, path: Path):
-    from lib.assignment_store import AssignmentStore
-    from lib.models import load_models
-    from lib.streaming import expected_store_meta
+    from lib.index.assignment_store import AssignmentStore
+    from lib.index.streaming import expected_store_meta
+    from lib.provenance import load_models
 
     pca, cb = load_models(s)
     return pca, cb, AssignmentStore.create(path, expected_store_meta(s, pca, cb))
 
 
 def test_resume_after_interruption(runs: dict[str, Path], tmp_path: Path) -> None:
-    from datasets.groundtruth import DISTRACTOR_PREFIX, load_ground_truth
-    from lib.streaming import stream_assignments
+    from lib.groundtruth.loader import DISTRACTOR_PREFIX, load_ground_truth
+    from lib.index.streaming import stream_assignments
 
     s = _settings(runs["settings"], path_models=str(runs["normal"] / "models"),
                   stream_distractors="true")
@@ -134,11 +134,11 @@ def test_resume_after_interruption(runs: dict[str, Path], tmp_path: Path) -> Non
 
 
 def test_models_from_another_network_refused(runs: dict[str, Path], tmp_path: Path) -> None:
-    from datasets.groundtruth import DISTRACTOR_PREFIX, load_ground_truth
-    from lib.codebook import Codebook
-    from lib.models import models_paths
-    from lib.pca import PCAWhitening
-    from lib.streaming import stream_assignments
+    from lib.groundtruth.loader import DISTRACTOR_PREFIX, load_ground_truth
+    from lib.index.streaming import stream_assignments
+    from lib.provenance import models_paths
+    from lib.vocabulary.codebook import Codebook
+    from lib.vocabulary.pca import PCAWhitening
 
     good = _settings(runs["settings"], path_models=str(runs["normal"] / "models"))
     p_pca, p_cb = models_paths(good)
@@ -164,10 +164,10 @@ def test_models_from_another_network_refused(runs: dict[str, Path], tmp_path: Pa
 
 
 def test_store_from_other_models_refused(runs: dict[str, Path], tmp_path: Path) -> None:
-    from datasets.groundtruth import DISTRACTOR_PREFIX, load_ground_truth
-    from lib.assignment_store import AssignmentStore
-    from lib.models import load_models
-    from lib.streaming import expected_store_meta, stream_assignments
+    from lib.groundtruth.loader import DISTRACTOR_PREFIX, load_ground_truth
+    from lib.index.assignment_store import AssignmentStore
+    from lib.index.streaming import expected_store_meta, stream_assignments
+    from lib.provenance import load_models
 
     s = _settings(runs["settings"], path_models=str(runs["normal"] / "models"))
     pca, cb = load_models(s)

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from lib.errors import UserError
-from lib.rmac import fit_rmac_pca, rmac, rmac_region_vectors, rmac_regions
-from lib.triplet import (
+from lib.learned.rmac import fit_rmac_pca, rmac, rmac_region_vectors, rmac_regions
+from lib.learned.triplet import (
     CHECKPOINT_FORMAT,
     RetrievalNet,
     RMACHead,
@@ -187,7 +187,7 @@ def test_bad_checkpoints(tmp_path):
 
 
 class _DictBackbone(nn.Module):
-    """Shaped like lib.networks' Backbone: forward returns {layer: map}."""
+    """Shaped like lib.features.networks' Backbone: forward returns {layer: map}."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -216,7 +216,7 @@ def test_tapped_backbone_saves_the_inner_state_dict(tmp_path):
 def _step_t_setup(tmp_path):
     from PIL import Image
 
-    from lib.training_data import TrainingSet, write_training_json
+    from lib.learned.training_data import TrainingSet, write_training_json
 
     images, labels = _tiny_set(n_classes=3, per_class=2, seed=7)
     (tmp_path / "img").mkdir()
@@ -238,12 +238,12 @@ def _step_t_setup(tmp_path):
 
 def test_step_t_trains_resumes_and_step_a_loads_the_checkpoint(tmp_path):
     """Step T's body on 6 tiny images (Lite0, random weights): checkpoint written, a
-    rerun with more epochs resumes, lib.networks (step A, weights = file) loads the
+    rerun with more epochs resumes, lib.features.networks (step A, weights = file) loads the
     trained weights, and another training list refuses to resume."""
-    from lib.networks import build_backbone
+    from lib.features.networks import build_backbone
+    from lib.learned.training_data import TrainingSet, write_training_json
+    from lib.learned.triplet import run_training
     from lib.settings import load_settings
-    from lib.training_data import TrainingSet, write_training_json
-    from lib.triplet import run_training
 
     paths, labels = _step_t_setup(tmp_path)
     res = run_training(load_settings(tmp_path / "s.json"))

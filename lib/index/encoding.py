@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from lib.bow import SparseVec, bow_vector, centre_prior
-from lib.codebook import Codebook
-from lib.pca import PCAWhitening
+from lib.index.bow import SparseVec, bow_vector, centre_prior
+from lib.vocabulary.codebook import Codebook
+from lib.vocabulary.pca import PCAWhitening
 
 WEIGHTINGS = ("centre_prior", "counts")
 
@@ -25,7 +25,7 @@ def words_from_maps(maps: np.ndarray, pca: PCAWhitening, codebook: Codebook,
                     l2norm: bool = True) -> np.ndarray:
     """Assignment map (H, W) int64 of already-upsampled maps (C, H, W): row-major local
     features -> L2 -> PCA -> L2 -> nearest word."""
-    from lib.local_features import maps_to_features
+    from lib.features.local_features import maps_to_features
 
     if maps.ndim != 3:
         raise ValueError(f"expected maps of shape (C, H, W), got {maps.shape}")

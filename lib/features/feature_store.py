@@ -17,7 +17,7 @@ Layout (all integers little-endian):
   ``"<III"`` = (C, h, w), one per layer in the order of ``meta["provenance"]["layers"]``;
   then the ``L`` maps, each C-contiguous (C, h, w) in the header's dtype.
 * **Metadata**: the reserved key ``__meta__`` holds UTF-8 JSON: ``provenance``
-  (:func:`lib.networks.feature_provenance`), ``layers``, ``feature_dtype``, ``count``,
+  (:func:`lib.features.networks.feature_provenance`), ``layers``, ``feature_dtype``, ``count``,
   ``settings_hash`` (step A), ``versions``, ``created``, ``complete``.
 """
 
@@ -129,7 +129,7 @@ class FeatureStore:
     @staticmethod
     def path_for(settings: Mapping[str, Any]) -> Path:
         """``<path_features>/<network>-<weights>-<layers+>-<H>x<W>-<resize>.lmdb``."""
-        from lib.networks import resolve_family
+        from lib.features.networks import resolve_family
 
         fam = resolve_family(settings["network"], settings["weights"])
         h, w = settings["input_size"]

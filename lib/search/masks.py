@@ -26,7 +26,7 @@ import numpy as np
 from scipy import ndimage
 
 from lib.errors import UserError
-from lib.geometry import Box, box_is_valid, box_mask, box_to_cells, resize_bilinear
+from lib.search.geometry import Box, box_is_valid, box_mask, box_to_cells, resize_bilinear
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from lib.errors import UserError
-from lib.images import CorruptImageError, load_image, resize_image, target_size
+from lib.features.images import CorruptImageError, load_image, resize_image, target_size
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class Extractor:
     """A backbone on a device with the settings' resize rule and precision."""
 
     def __init__(self, settings: Mapping[str, Any], device: str | None = None) -> None:
-        from lib.networks import build_backbone
+        from lib.features.networks import build_backbone
 
         self.settings = settings
         self.device = pick_device(device or settings["device"])
@@ -115,7 +115,7 @@ class _Decode(Dataset):
         return len(self.ids)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, Any]:
-        from datasets.groundtruth import image_path
+        from lib.groundtruth.loader import image_path
 
         image_id = self.ids[i]
         try:
@@ -174,8 +174,8 @@ def run_extraction(settings: Any, image_ids: list[str], store_path: Path | None 
     """Fill the feature store with the maps of ``image_ids`` (step A). Stored ids are
     skipped; corrupt images are listed in ``corrupted.txt`` and skipped. Returns counts
     and timings. ``stop_after_batches`` simulates an interruption (tests)."""
-    from lib.feature_store import FeatureStore, write_corrupted
-    from lib.networks import feature_provenance
+    from lib.features.feature_store import FeatureStore, write_corrupted
+    from lib.features.networks import feature_provenance
 
     t_start = time.perf_counter()
     path = Path(store_path) if store_path is not None else FeatureStore.path_for(settings)

@@ -15,9 +15,9 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-from datasets.common import GroundTruth
-from datasets.groundtruth import read_revisited_layout, register
 from lib.errors import UserError
+from lib.groundtruth.common import GroundTruth
+from lib.groundtruth.loader import read_revisited_layout, register
 
 # (module, name) pairs a pickle of containers and numpy arrays may reference.
 ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset({

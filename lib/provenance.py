@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from lib.artefacts import check_fields
-from lib.codebook import Codebook
 from lib.errors import ArtefactMismatchError
-from lib.pca import PCAWhitening
+from lib.vocabulary.codebook import Codebook
+from lib.vocabulary.pca import PCAWhitening
 
 PCA_FIELDS = ("l2norm", "pca_dim", "whiten", "train_on", "train_new_dim")
 CODEBOOK_FIELDS = (*PCA_FIELDS, "n_centers")
@@ -44,7 +44,7 @@ def training_fields(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def expected_provenance(settings: Mapping[str, Any]) -> dict[str, Any]:
-    from lib.networks import feature_provenance
+    from lib.features.networks import feature_provenance
 
     return dict(feature_provenance(settings))
 

@@ -12,9 +12,9 @@ import logging
 import re
 from pathlib import Path
 
-from datasets.common import GroundTruth, Query, list_images
-from datasets.groundtruth import register
 from lib.errors import UserError
+from lib.groundtruth.common import GroundTruth, Query, list_images
+from lib.groundtruth.loader import register
 
 log = logging.getLogger(__name__)
 

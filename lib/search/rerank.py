@@ -51,7 +51,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lib.bow import EMPTY, SparseVec
+from lib.index.bow import EMPTY, SparseVec
 
 log = logging.getLogger(__name__)
 

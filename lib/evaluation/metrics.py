@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from datasets.common import GroundTruth, Query
 from lib.errors import UserError
+from lib.groundtruth.common import GroundTruth, Query
 
 log = logging.getLogger(__name__)
 
@@ -239,10 +239,11 @@ def _per_topic(queries: Sequence[Query], per_query: Mapping[str, float | None]) 
 
 
 def evaluate(gt: GroundTruth, rankings: Any) -> dict[str, Any]:
-    """Every metric ``results.json`` holds for ``rankings`` (a :class:`lib.rankings.Rankings`):
-    ``map``, ``n_queries``, ``per_query`` (queries.txt order; null = no positives),
-    ``per_landmark`` (oxford protocol), ``easy``/``medium``/``hard`` blocks (revisited; the
-    top-level numbers are Medium's), ``per_topic`` and ``level: shot`` (trecvid)."""
+    """Every metric ``results.json`` holds for ``rankings``
+    (a :class:`lib.search.rankings.Rankings`): ``map``, ``n_queries``, ``per_query``
+    (queries.txt order; null = no positives), ``per_landmark`` (oxford protocol),
+    ``easy``/``medium``/``hard`` blocks (revisited; the top-level
+    numbers are Medium's), ``per_topic`` and ``level: shot`` (trecvid)."""
     index = {i: n for n, i in enumerate(gt.db_ids)}
     by_name = {q.name: q for q in gt.queries}
     unknown = [n for n in rankings.queries if n not in by_name]

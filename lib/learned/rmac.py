@@ -2,7 +2,7 @@
 
 Why here: the issue-10 line adds a learned global descriptor next to BoW; the same region
 grid serves D_rankings_Pooling (``pooling = rmac``, numpy) and the trainable head of
-:mod:`lib.triplet` (torch), so both use :func:`rmac_regions`.
+:mod:`lib.learned.triplet` (torch), so both use :func:`rmac_regions`.
 
 Region rule (documented in the README, tested in tests/test_rmac.py). For an ``h``×``w``
 map with short side ``m = min(h, w)`` and long side ``M = max(h, w)``:
@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 if TYPE_CHECKING:
-    from lib.pca import PCAWhitening
+    from lib.vocabulary.pca import PCAWhitening
 
 log = logging.getLogger(__name__)
 
@@ -144,18 +144,18 @@ def region_vectors_for_pca(maps: np.ndarray, L: int = 3) -> np.ndarray:
 def affine_of(pca: Transform, channels: int) -> tuple[np.ndarray, np.ndarray]:
     """(W, b) with ``pca.transform(x) == x @ W.T + b`` for any affine ``.transform``
     (PCA-whitening is one): read off by transforming 0 and the unit vectors. This is how
-    the trainable head of :mod:`lib.triplet` starts as exactly the untrained R-MAC."""
+    the trainable head of :mod:`lib.learned.triplet` starts as exactly the untrained R-MAC."""
     b = np.asarray(pca.transform(np.zeros((1, channels), np.float32)), np.float64)[0]
     W = np.asarray(pca.transform(np.eye(channels, dtype=np.float32)), np.float64) - b
     return W.T.astype(np.float32), b.astype(np.float32)
 
 
 def fit_rmac_pca(region_vectors: np.ndarray, dim: int, whiten: bool = True) -> PCAWhitening:
-    """PCA-whitening (:class:`lib.pca.PCAWhitening`) for R-MAC, fit on region vectors
+    """PCA-whitening (:class:`lib.vocabulary.pca.PCAWhitening`) for R-MAC, fit on region vectors
     stacked over the database (:func:`region_vectors_for_pca` per image). Rows are
     L2-normalised here, so raw max-pooled vectors are fine too. ``dim`` is capped at the
     rank (channels, and regions - 1): whitening a null direction would blow it up."""
-    from lib.pca import PCAWhitening
+    from lib.vocabulary.pca import PCAWhitening
 
     x = _l2(np.asarray(region_vectors, np.float32))
     x = x[np.linalg.norm(x, axis=1) > 0.5]

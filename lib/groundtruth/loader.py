@@ -1,7 +1,7 @@
 """Load a dataset's ground truth from its settings, whatever the benchmark format.
 
 ``load_ground_truth(settings)`` dispatches on ``gt_format`` and returns the common
-:class:`~datasets.common.GroundTruth`; ``image_path`` maps an image id to its file
+:class:`~lib.groundtruth.common.GroundTruth`; ``image_path`` maps an image id to its file
 (distractor ids, prefixed ``distractors/``, live under ``path_distractors``).
 """
 
@@ -12,13 +12,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from datasets.common import GroundTruth, Query, find_image, list_images
 from lib.errors import UserError
+from lib.groundtruth.common import GroundTruth, Query, find_image, list_images
 
 DISTRACTOR_PREFIX = "distractors/"
 
 # gt_format -> reader(path_gt, path_images, name) -> GroundTruth. Other modules register
-# their readers here (datasets/oxford_paris.py, datasets/revisited.py, datasets/trecvid.py).
+# their readers here (oxford_paris.py, revisited.py and trecvid.py in this package).
 READERS: dict[str, Callable[[Path, Path, str], GroundTruth]] = {}
 
 
@@ -35,7 +35,8 @@ def _import_readers() -> None:
     # break the others
     import importlib
 
-    for mod in ("datasets.oxford_paris", "datasets.revisited", "datasets.trecvid"):
+    for mod in ("lib.groundtruth.oxford_paris", "lib.groundtruth.revisited",
+                "lib.groundtruth.trecvid"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

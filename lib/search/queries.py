@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from lib.bow import SparseVec, bow_vector
-from lib.geometry import Box, Cells, box_to_cells, resize_bilinear
+from lib.index.bow import SparseVec, bow_vector
+from lib.search.geometry import Box, Cells, box_to_cells, resize_bilinear
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ POOLINGS = ("sum", "max", "gem", "rmac")
 def pool_map(maps: np.ndarray, method: str, p: float = 3.0,
              weights: np.ndarray | None = None, rmac_levels: int = 3) -> np.ndarray:
     """One global vector (C,) float32 of a (C, h, w) map, not normalised: sum (SPoC /
-    uCroW), max (MAC), GeM (``mean(x^p)^(1/p)``) or R-MAC (``lib.rmac``, no PCA here).
+    uCroW), max (MAC), GeM (``mean(x^p)^(1/p)``) or R-MAC (``lib.learned.rmac``, no PCA here).
     ``weights`` (h, w) multiply every channel first (the query box of D_Pooling)."""
     x = np.asarray(maps, np.float32)
     if x.ndim != 3:
@@ -209,7 +209,7 @@ def pool_map(maps: np.ndarray, method: str, p: float = 3.0,
         m = np.power(np.clip(x, 1e-6, None, dtype=np.float64), p).mean(axis=(1, 2))
         return np.power(m, 1.0 / p).astype(np.float32)
     if method == "rmac":
-        from lib.rmac import rmac
+        from lib.learned.rmac import rmac
 
         return rmac(x, L=rmac_levels)
     raise ValueError(f"pooling '{method}': expected one of {', '.join(POOLINGS)}")
@@ -243,8 +243,8 @@ class BowSearcher:
     the original query's map and box (the expanded vector has no map); after query
     expansion it re-orders the new top ``top``, so the final block is spatially verified.
 
-    ``index`` is a :class:`lib.inverted_file.InvertedFile`, ``store`` the database
-    :class:`lib.assignment_store.AssignmentStore` (needed for re-ranking and GQE)."""
+    ``index`` is a :class:`lib.index.inverted_file.InvertedFile`, ``store`` the database
+    :class:`lib.index.assignment_store.AssignmentStore` (needed for re-ranking and GQE)."""
 
     def __init__(self, settings: Any, index: Any, store: Any | None) -> None:
         self.s = settings
@@ -267,8 +267,8 @@ class BowSearcher:
 
     def _rerank(self, eq: EncodedQuery, order: np.ndarray, scores: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray, list[dict], dict[int, SparseVec]]:
-        from lib.geometry import cells_to_box
-        from lib.rerank import rerank
+        from lib.search.geometry import cells_to_box
+        from lib.search.rerank import rerank
 
         top = order[: min(int(self.s["top"]), order.size)]
         words, sizes = self._maps(top)
@@ -290,7 +290,7 @@ class BowSearcher:
         return new_order, final, locs, windows
 
     def _db_vector(self, i: int) -> SparseVec:
-        from lib.encoding import database_vector
+        from lib.index.encoding import database_vector
 
         if i not in self._db_vec_cache:
             w, _ = self.store.get(self.db_ids[i])
@@ -311,7 +311,7 @@ class BowSearcher:
             t["rerank"] += time.perf_counter() - t0
         qe = self.s["query_expansion"]
         if qe != "none":
-            from lib import expansion
+            from lib.search import expansion
 
             t0 = time.perf_counter()
             n = min(int(self.s["qe_top"]), order.size)
@@ -341,7 +341,7 @@ ASSIGNMENT_FIELDS = ("pca_hash", "codebook_hash", "n_centers", "new_dim", "l2nor
 def assignment_meta(settings: Any, pca: Any, codebook: Any) -> dict[str, Any]:
     """The fields that decide an assignment map: what the query cache records and what
     the database assignment store must agree with."""
-    from lib.networks import feature_provenance
+    from lib.features.networks import feature_provenance
 
     return {
         "provenance": dict(feature_provenance(settings)),
@@ -357,7 +357,7 @@ def assignment_meta(settings: Any, pca: Any, codebook: Any) -> dict[str, Any]:
 def check_assignment_meta(expected: dict[str, Any], found: dict[str, Any], what: str) -> None:
     """Refuse a store made with other features or models, naming the field."""
     from lib.artefacts import check_fields
-    from lib.models import check_provenance
+    from lib.provenance import check_provenance
 
     hint = "rerun step C with these settings"
     check_provenance(expected["provenance"], found, what, hint)
@@ -377,7 +377,7 @@ class QueryEncoder:
     def __init__(self, settings: Any, db_store: Any | None = None) -> None:
         from pathlib import Path
 
-        from lib.models import load_models
+        from lib.provenance import load_models
 
         self.s = settings
         self.pca, self.codebook = load_models(settings)
@@ -399,7 +399,7 @@ class QueryEncoder:
         import shutil
 
         from lib.artefacts import canonical_hash
-        from lib.assignment_store import AssignmentStore
+        from lib.index.assignment_store import AssignmentStore
 
         if self._cache is None:
             if (self.cache_path / "data.mdb").exists():
@@ -419,10 +419,10 @@ class QueryEncoder:
 
     # ---- network
     def _words_of_image(self, img: Any) -> np.ndarray:
-        from lib.encoding import word_dtype, words_from_maps
+        from lib.index.encoding import word_dtype, words_from_maps
 
         if self._extractor is None:
-            from lib.extraction import Extractor
+            from lib.features.extraction import Extractor
 
             self._extractor = Extractor(self.s)
         maps = combine_layers(self._extractor.extract(img), list(self.s["layers"]),
@@ -449,8 +449,8 @@ class QueryEncoder:
                 self.stats["from_database"] += 1
             else:
                 if img is None:
-                    from datasets.groundtruth import image_path
-                    from lib.images import load_image
+                    from lib.features.images import load_image
+                    from lib.groundtruth.loader import image_path
 
                     img = load_image(image_path(self.s, image_id, query=True),
                                      int(self.s["max_image_pixels"]))
@@ -469,7 +469,7 @@ class QueryEncoder:
         import time
 
         from lib.errors import UserError
-        from lib.masks import check_box, mask_bounds, query_weights
+        from lib.search.masks import check_box, mask_bounds, query_weights
 
         t0 = time.perf_counter()
         words, hw = self.words(query.image)
@@ -531,8 +531,8 @@ def combine_layers(maps: dict[str, np.ndarray], layers: Sequence[str],
     (``LocalFeatureReader.maps``): every layer resized to the first layer's map,
     concatenated along channels, then upsampled to ``new_dim`` oriented like that map
     (``None`` = native size)."""
-    from lib.images import is_portrait, oriented
-    from lib.local_features import upsample
+    from lib.features.images import is_portrait, oriented
+    from lib.features.local_features import upsample
 
     first = np.asarray(maps[layers[0]], np.float32)
     h, w = first.shape[1:]
@@ -562,13 +562,13 @@ def pooling_rankings(settings: Any, gt: Any, out_dir: Any, progress: Any = None)
     import time
     from pathlib import Path
 
-    from datasets.groundtruth import image_path
-    from lib.feature_store import FeatureStore
-    from lib.images import load_image
-    from lib.masks import query_weights
-    from lib.models import check_provenance, expected_provenance
-    from lib.pca import PCAWhitening
-    from lib.rankings import write_ranking_folder
+    from lib.features.feature_store import FeatureStore
+    from lib.features.images import load_image
+    from lib.groundtruth.loader import image_path
+    from lib.provenance import check_provenance, expected_provenance
+    from lib.search.masks import query_weights
+    from lib.search.rankings import write_ranking_folder
+    from lib.vocabulary.pca import PCAWhitening
 
     s = settings
     if s.get("stream_distractors") and s.get("path_distractors"):
@@ -603,7 +603,7 @@ def pooling_rankings(settings: Any, gt: Any, out_dir: Any, progress: Any = None)
         m = _native_maps(maps, layers)
         db_maps_ok[k] = True
         if method == "rmac" and s["pooling_pca"]:
-            from lib.rmac import region_vectors_for_pca
+            from lib.learned.rmac import region_vectors_for_pca
 
             regions.append(region_vectors_for_pca(m, L))
             raw.append(m)  # R-MAC needs its PCA before aggregation
@@ -615,7 +615,7 @@ def pooling_rankings(settings: Any, gt: Any, out_dir: Any, progress: Any = None)
         raise UserError(f"{fpath}: none of the database images has stored features")
     pca = None
     if method == "rmac" and s["pooling_pca"]:
-        from lib.rmac import fit_rmac_pca, rmac
+        from lib.learned.rmac import fit_rmac_pca, rmac
 
         pca = fit_rmac_pca(np.concatenate(regions), int(s["pca_dim"]), bool(s["whiten"]))
         raw = [None if m is None else rmac(m, L, pca) for m in raw]
@@ -647,7 +647,7 @@ def pooling_rankings(settings: Any, gt: Any, out_dir: Any, progress: Any = None)
             maps, hw = store.get(q.image)
         else:
             if extractor is None:
-                from lib.extraction import Extractor
+                from lib.features.extraction import Extractor
 
                 extractor = Extractor(s)
             img = load_image(image_path(s, q.image, query=True), int(s["max_image_pixels"]))
@@ -657,7 +657,7 @@ def pooling_rankings(settings: Any, gt: Any, out_dir: Any, progress: Any = None)
         w = query_weights(mode, q.bbox, hw, m.shape[1:], pooling=True, mask=qmask,
                           query=q.name)
         if method == "rmac":
-            from lib.rmac import rmac
+            from lib.learned.rmac import rmac
 
             v = rmac(m, L, pca, weights=w)
         else:
@@ -718,9 +718,9 @@ def bow_rankings(settings: Any, gt: Any, out_dir: Any, progress: Any = None) -> 
     from pathlib import Path
 
     from lib.artefacts import check_fields
-    from lib.assignment_store import AssignmentStore
-    from lib.inverted_file import InvertedFile
-    from lib.rankings import write_ranking_folder
+    from lib.index.assignment_store import AssignmentStore
+    from lib.index.inverted_file import InvertedFile
+    from lib.search.rankings import write_ranking_folder
 
     s = settings
     apath = AssignmentStore.path_for(s)

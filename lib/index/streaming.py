@@ -5,18 +5,18 @@ store (float16 21x16x512 maps, 35 GB per 100k), yet step C only ever keeps their
 maps (about 2.7 KB each at 42x32 uint16). So for distractors the float maps never reach
 the disk: each decoded batch goes through the network, is rounded to ``feature_dtype``
 exactly as the feature store would round it, read back through the very same
-:class:`lib.local_features.LocalFeatureReader` code (upsampling to ``new_dim``, L2 -> PCA
+:class:`lib.features.local_features.LocalFeatureReader` code (upsampling to ``new_dim``, L2 -> PCA
 -> L2) and assigned with the existing codebook; only the assignment maps (+ original
 sizes) are written. Because every arithmetic step is the normal path's, the stored maps
 are identical to what A-then-C produces with the same PCA and codebook.
 
 Reuse, not a copy: decoding (DataLoader workers), bucketing by input size, commit
 grouping, exact resume and the corrupt-image handling are step A's own loop
-(:func:`lib.extraction.fill_batches`); this module only swaps the sink that receives finished
-batches (a feature store there, an assigner + assignment store here).
+(:func:`lib.features.extraction.fill_batches`); this module only swaps the sink that
+receives finished batches (a feature store there, an assigner + assignment store here).
 
 Checks: the PCA and codebook must match the settings' feature provenance and training
-fields (:mod:`lib.models`), and the assignment store's metadata must name the same
+fields (:mod:`lib.provenance`), and the assignment store's metadata must name the same
 provenance, ``new_dim``, ``l2norm`` and model hashes; a mismatch stops naming the field.
 Unreadable distractors are listed in ``assignments.corrupted.txt`` (beside the store)
 and skipped; they are retried on the next run, as in step A.
@@ -33,13 +33,13 @@ from typing import Any
 import numpy as np
 
 from lib.artefacts import check_fields
-from lib.assignment_store import HEADER as ASG_HEADER
-from lib.assignment_store import META_KEY as ASG_META_KEY
-from lib.assignment_store import AssignmentStore
-from lib.codebook import Codebook
-from lib.encoding import word_dtype
 from lib.errors import UserError
-from lib.pca import PCAWhitening
+from lib.index.assignment_store import HEADER as ASG_HEADER
+from lib.index.assignment_store import META_KEY as ASG_META_KEY
+from lib.index.assignment_store import AssignmentStore
+from lib.index.encoding import word_dtype
+from lib.vocabulary.codebook import Codebook
+from lib.vocabulary.pca import PCAWhitening
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ _HINT = "delete the assignment store (assignments.lmdb) or rerun step C with the
 def expected_store_meta(settings: Mapping[str, Any], pca: PCAWhitening,
                         codebook: Codebook) -> dict[str, Any]:
     """The metadata fields that define an assignment map (the same record step C writes)."""
-    from lib.models import expected_provenance
+    from lib.provenance import expected_provenance
 
     nd = settings["new_dim"]
     return {"provenance": expected_provenance(settings),
@@ -98,7 +98,7 @@ class AssigningSink:
 
     def __init__(self, settings: Mapping[str, Any], pca: PCAWhitening, codebook: Codebook,
                  store: AssignmentStore) -> None:
-        from lib.local_features import LocalFeatureReader
+        from lib.features.local_features import LocalFeatureReader
 
         dtype = np.dtype(np.float16 if settings["feature_dtype"] == "float16" else np.float32)
         self.mem = _BatchMaps(settings["layers"], dtype)
@@ -136,8 +136,8 @@ class AssigningSink:
 
 def check_models(settings: Mapping[str, Any], pca: PCAWhitening, codebook: Codebook) -> None:
     """Refuse a PCA or codebook made from other features (network, layers, input size ...)
-    or with other training fields, naming the field (``lib.models`` checks)."""
-    from lib.models import check_codebook, check_pca, expected_provenance, models_paths
+    or with other training fields, naming the field (``lib.provenance`` checks)."""
+    from lib.provenance import check_codebook, check_pca, expected_provenance, models_paths
 
     p_pca, p_cb = models_paths(settings)
     prov = expected_provenance(settings)
@@ -151,8 +151,8 @@ def stream_assignments(settings: Mapping[str, Any], image_ids: Sequence[str],
     """Decode, extract, assign and store the word maps of ``image_ids`` (normally the
     distractors) in ``store``, skipping ids already stored. Returns counts and timings.
     ``stop_after_batches`` simulates an interruption after that many batches (tests)."""
-    from lib.extraction import Extractor, fill_batches
-    from lib.feature_store import write_corrupted
+    from lib.features.extraction import Extractor, fill_batches
+    from lib.features.feature_store import write_corrupted
 
     t_start = time.perf_counter()
     ids = list(image_ids)

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from lib.errors import UserError
-from lib.feature_store import FeatureStore
-from lib.images import is_portrait, oriented
+from lib.features.feature_store import FeatureStore
+from lib.features.images import is_portrait, oriented
 
 POOLINGS = ("sum", "max", "gem")
 

@@ -11,7 +11,7 @@
   ``<folder of the qrels>/queries``). Each query image is its own query, named
   ``<topic>_<k>`` (the original's list name); its box is the mask's bounding box.
 
-Evaluation is shot-level (lib/evaluation.py); ``Query.positives`` holds the keyframes of
+Evaluation is shot-level (lib/evaluation/metrics.py); ``Query.positives`` holds the keyframes of
 the relevant shots so keyframe-level tools (the report) work too.
 """
 
@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from datasets.common import IMAGE_EXTENSIONS, GroundTruth, Query, list_images
-from datasets.groundtruth import register
 from lib.errors import UserError
+from lib.groundtruth.common import IMAGE_EXTENSIONS, GroundTruth, Query, list_images
+from lib.groundtruth.loader import register
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Why one averaging function: both variants are the same operation, "average the
 L2-normalised query with the L2-normalised vectors of the top N results, then
 L2-normalise" (the authors' later ``query_expansion``); they differ only in what the top
 results contribute. GQE uses their full-image database vectors; LQE uses the count BoW of
-each one's best re-ranking window (:class:`lib.rerank.RerankResult.window_vectors`), so
+each one's best re-ranking window (:class:`lib.search.rerank.RerankResult.window_vectors`), so
 the background of the top images stays out of the new query. The caller searches the
 whole index again with the result.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lib.bow import SparseVec, l2_normalise, sparse_sum
+from lib.index.bow import SparseVec, l2_normalise, sparse_sum
 
 
 def average_query(query: SparseVec, others: Sequence[SparseVec]) -> SparseVec:

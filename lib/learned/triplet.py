@@ -2,7 +2,7 @@
 Image Retrieval", ECCV 2016 / IJCV 2017), for the optional step T_train_triplet.
 
 Why these choices:
-* The head is R-MAC (:mod:`lib.rmac` regions, max pool, L2) whose PCA-whitening is a
+* The head is R-MAC (:mod:`lib.learned.rmac` regions, max pool, L2) whose PCA-whitening is a
   learned linear layer, *initialised* from the PCA-whitening of the training images'
   region vectors, so epoch 0 is exactly the untrained R-MAC (+PCA) descriptor.
 * Loss: triplet ranking loss ``max(0, margin + |a-p|² - |a-n|²)`` on L2-normalised
@@ -36,7 +36,7 @@ from torch import nn
 
 from lib.artefacts import atomic_path
 from lib.errors import UserError
-from lib.rmac import Transform, affine_of, fit_rmac_pca, rmac_regions
+from lib.learned.rmac import Transform, affine_of, fit_rmac_pca, rmac_regions
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class RMACHead(nn.Module):
 
 
 class TappedBackbone(nn.Module):
-    """Adapter: a :func:`lib.networks.build_backbone` module (forward -> dict of maps)
+    """Adapter: a :func:`lib.features.networks.build_backbone` module (forward -> dict of maps)
     reduced to the one map the head pools. ``inner`` is what checkpoints save as
     ``state_dict``, so step A's ``weights = file`` loader sees its own keys."""
 
@@ -395,7 +395,7 @@ def load_training_images(files: Sequence[Path], settings: Any
     Returns the images, the indices that loaded, and (file, reason) for the others."""
     from tqdm import tqdm
 
-    from lib.images import load_image, resize_image, target_size
+    from lib.features.images import load_image, resize_image, target_size
 
     images, ok, bad = [], [], []
     for i, f in enumerate(tqdm(files, desc="loading", unit="img")):
@@ -431,8 +431,8 @@ def run_training(settings: Any, eval_fn: Callable[[RetrievalNet], dict[str, floa
     """Step T on validated settings: load the list and images, build or resume the model,
     train, checkpoint after every epoch (under the output lock). Returns a summary."""
     from lib.artefacts import canonical_hash, library_versions, output_lock, read_json
-    from lib.networks import build_backbone
-    from lib.training_data import read_training_json
+    from lib.features.networks import build_backbone
+    from lib.learned.training_data import read_training_json
 
     if settings["train_json"] is None:
         raise UserError(f"{settings.source}: key 'train_json': give the training list "

@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from lib.artefacts import atomic_path, check_fields, load_npy, read_json
 from lib.errors import UserError
-from lib.rankings import rank_scores  # the tie rule lives with the ranking folders
+from lib.search.rankings import rank_scores  # the tie rule lives with the ranking folders
 
 log = logging.getLogger(__name__)
 

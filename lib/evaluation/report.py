@@ -27,13 +27,13 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from datasets.common import GroundTruth, Query
-from datasets.groundtruth import image_path
 from lib.artefacts import atomic_path
 from lib.errors import UserError
-from lib.evaluation import evaluate, precision_recall
-from lib.images import load_image
-from lib.plots import Series, bar_chart, line_chart
+from lib.evaluation.metrics import evaluate, precision_recall
+from lib.evaluation.plots import Series, bar_chart, line_chart
+from lib.features.images import load_image
+from lib.groundtruth.common import GroundTruth, Query
+from lib.groundtruth.loader import image_path
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +274,7 @@ def _ap_plot(aps: Mapping[str, float], mean_ap: float, path: Path) -> None:
 def write_report(ranking_dir: Path, gt: GroundTruth, settings: Mapping[str, Any],
                  results: dict, rankings: Any) -> Path:
     """Write ``<ranking_dir>/report/index.html`` (with ``thumbs/`` and two PNG charts)
-    and return its path. ``rankings`` is a :class:`lib.rankings.Rankings` (its
+    and return its path. ``rankings`` is a :class:`lib.search.rankings.Rankings` (its
     ``queries``, ``lists`` and ``localisations`` are read); ``results`` is step E's
     results dict (``map`` and per-query AP; computed here when absent)."""
     ranking_dir = Path(ranking_dir)
@@ -295,7 +295,7 @@ def write_report(ranking_dir: Path, gt: GroundTruth, settings: Mapping[str, Any]
     if aps is None:
         log.info("report: no per-query AP in the results; evaluating the rankings")
         aps = per_query_ap(evaluate(gt, rankings), names)
-        assert aps is not None  # lib.evaluation always gives per_query
+        assert aps is not None  # lib.evaluation.metrics always gives per_query
     finite = [v for v in aps.values() if math.isfinite(v)]
     mean_ap = results.get("map", results.get("mAP"))
     mean_ap = float(mean_ap) if isinstance(mean_ap, (int, float)) else \

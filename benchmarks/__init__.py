@@ -1,0 +1,1 @@
+"""Benchmark scripts; importable so that they share helpers (run them as files)."""

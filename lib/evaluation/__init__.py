@@ -1,0 +1,1 @@
+"""Step E: average precision under each protocol, the HTML report and its charts."""

@@ -1,0 +1,1 @@
+"""Step A: images, backbones, batched extraction and the local-feature store and reader."""

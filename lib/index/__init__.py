@@ -1,0 +1,1 @@
+"""Step C: assignment maps, BoW encoding, the inverted file and streamed distractors."""

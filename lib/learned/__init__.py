@@ -1,0 +1,1 @@
+"""Step T and learned descriptors: R-MAC, triplet fine-tuning, training lists."""

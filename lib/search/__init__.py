@@ -1,0 +1,1 @@
+"""Step D: query encoding, ranking, spatial re-ranking with localisation, query expansion."""

@@ -1,0 +1,1 @@
+"""Step B: PCA-whitening and the visual vocabulary (k-means codebook)."""
