@@ -73,70 +73,6 @@ def real_data(store_path: Path, new_dim: list[int] | None, n_train: int, n_query
         _l2(pca.transform(test[n_query:]))
 
 
-def interp_benchmark(store_path: Path, new_dim: list[int], k: int, n_train: int,
-                     pca_dim: int, kmeans_iters: int, n_images: int, repeats: int,
-                     seed: int) -> None:
-    """Upsampled maps (step C's real workload): exact search of every upsampled feature
-    against ``Codebook.assign_upsampled`` (exact search of the native features, then a
-    re-ranking of the 4r words of each feature's bilinear sources). PCA and words from
-    the upsampled features of one half of the images, timed on ``n_images`` of the other
-    half in batches of 32 images as step C reads them; rates count upsampled features."""
-    from lib.features.feature_store import FeatureStore
-    from lib.features.local_features import LocalFeatureReader
-    from lib.vocabulary.pca import PCAWhitening
-
-    store = FeatureStore(store_path)
-    ids = store.ids()
-    order = np.random.default_rng(seed).permutation(len(ids))
-    half = len(ids) // 2
-    train = _read(LocalFeatureReader(store, new_dim, l2norm=True), ids, order[:half],
-                  n_train)
-    pca = PCAWhitening.fit(train, min(pca_dim, train.shape[1]), whiten=True)
-    cents = train_kmeans(_l2(pca.transform(train)).astype(np.float32), k, kmeans_iters, seed,
-                         "approximate")
-    cb = Codebook(cents, "exact")
-    cba = Codebook(cents, "approximate")
-    nat_r = LocalFeatureReader(store, None, l2norm=True, pca=pca)
-    up_r = LocalFeatureReader(store, new_dim, l2norm=True, pca=pca)
-    imgs = [(nat_r.features_and_shape(ids[i]), up_r.features_and_shape(ids[i]))
-            for i in order[half:half + n_images]]
-    n_up = sum(len(u[0]) for _, u in imgs)
-    print(f"upsampled maps: {len(imgs)} held-out images, {n_up} upsampled features "
-          f"({imgs[0][1][1]} from {imgs[0][0][1]}), K={k}, D={cents.shape[1]}")
-
-    def exact() -> np.ndarray:
-        return np.concatenate([cb.assign(np.concatenate([u[0] for _, u in imgs[s:s + 32]]))
-                               for s in range(0, len(imgs), 32)])
-
-    def interp(r: int, book: Codebook) -> np.ndarray:
-        out = []
-        for s in range(0, len(imgs), 32):
-            batch = imgs[s:s + 32]
-            cand_all = book.nearest_words(np.concatenate([n[0] for n, _ in batch]), r)
-            o = 0
-            for (nf, nhw), (uf, uhw) in batch:
-                out.append(book.assign_from_sources(cand_all[o:o + len(nf)], nhw, uf, uhw))
-                o += len(nf)
-        return np.concatenate(out)
-
-    ref = exact()
-    for r, nc in ((4, 0), (8, 0), (16, 0), (32, 0), (8, 16), (8, 32), (16, 32), (16, 64)):
-        book = cb if nc == 0 else cba
-        cba.n_candidates = max(nc, 1)
-        te, ti = [], []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            exact()
-            te.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            w = interp(r, book)
-            ti.append(time.perf_counter() - t)
-        re, ri = n_up / statistics.median(te), n_up / statistics.median(ti)
-        how = "exact native search" if nc == 0 else f"native shortlist of {max(nc, 2 * r)}"
-        print(f"r={r:3d}, {how:27s}: exact {re:8.0f} /s, interpolated sources {ri:8.0f} /s "
-              f"(x{ri / re:.2f}), agreement {np.mean(w == ref):.4f}", flush=True)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -158,25 +94,14 @@ def main() -> None:
     ap.add_argument("--train-upsampled", action="store_true",
                     help="with --new-dim: PCA and codebook trained on upsampled maps too "
                     "(settings train_on = upsampled)")
-    ap.add_argument("--interp", action="store_true",
-                    help="with --store and --new-dim: time Codebook.assign_upsampled against "
-                    "exact search on upsampled maps (step C's workload)")
-    ap.add_argument("--n-images", type=int, default=64, help="with --interp: images timed")
     a = ap.parse_args()
-    if a.interp:
-        if a.store is None or a.new_dim is None:
-            raise SystemExit("--interp needs --store and --new-dim")
-        interp_benchmark(a.store, a.new_dim, a.k, a.n_train, a.pca_dim, a.kmeans_iters or 3,
-                         a.n_images, a.repeats, a.seed)
-        return
-
     if a.store is not None:
         train, q, tune = real_data(a.store, a.new_dim, a.n_train, a.n, a.pca_dim, a.seed,
                                    a.train_upsampled)
         rng = np.random.default_rng(a.seed)
         cents = train[np.sort(rng.choice(len(train), a.k, replace=False))]
         if a.kmeans_iters:
-            cents = train_kmeans(train, a.k, a.kmeans_iters, a.seed, "approximate")
+            cents = train_kmeans(train, a.k, a.kmeans_iters, a.seed, "approximate").centroids
         source = (f"real L2-PCA-L2 features from {a.store} (PCA to {train.shape[1]}-D on "
                   f"{len(train)} training features), codebook = {a.k} training features + "
                   f"{a.kmeans_iters} approximate k-means iterations; query maps "
@@ -187,7 +112,7 @@ def main() -> None:
         rng = np.random.default_rng(a.seed)
         cents = train[np.sort(rng.choice(len(train), a.k, replace=False))]
         if a.lloyd:
-            cents = train_kmeans(train, a.k, a.lloyd, a.seed, "exact", "cpu")
+            cents = train_kmeans(train, a.k, a.lloyd, a.seed, "exact", "cpu").centroids
         q, _ = synthetic_features(a.n, seed=a.seed + 1, pca=pca)
         tune, _ = synthetic_features(5000, seed=a.seed + 2, pca=pca)
         source = (f"synthetic clustered L2-PCA-L2 features, codebook = {a.k} training "

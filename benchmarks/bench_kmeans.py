@@ -102,8 +102,10 @@ def main() -> None:
         return m.fit(x).cluster_centers_.astype(np.float32)
 
     methods = {
-        "faiss exact": lambda: train_kmeans(x, a.k, a.niter, a.seed, "exact", "cpu"),
-        "approximate (PQ shortlist)": lambda: train_kmeans(x, a.k, a.niter, a.seed, "approximate"),
+        "faiss exact":
+            lambda: train_kmeans(x, a.k, a.niter, a.seed, "exact", "cpu").centroids,
+        "approximate (PQ shortlist)":
+            lambda: train_kmeans(x, a.k, a.niter, a.seed, "approximate").centroids,
         "sklearn MiniBatchKMeans": sklearn_run,
     }
     times: dict[str, list[float]] = {m: [] for m in methods}

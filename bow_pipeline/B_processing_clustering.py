@@ -166,13 +166,11 @@ def main() -> None:
                 y = pca.transform(x)
             if s.l2norm:
                 _l2_rows(y)
-            cents = train_kmeans(y, s.n_centers, s.kmeans_iter, s.seed, s.kmeans, s.device)
-            stats = dict(train_kmeans.last_stats)
-            cb = Codebook(cents)
+            km = train_kmeans(y, s.n_centers, s.kmeans_iter, s.seed, s.kmeans, s.device)
+            cb = Codebook(km.centroids)
             cb.save(p_cb, {**common, "pca_hash": pca.content_hash(), "kmeans": s.kmeans,
-                           "kmeans_iter": s.kmeans_iter, "kmeans_objective": stats["objective"],
-                           "kmeans_seconds": stats["seconds"],
-                           "kmeans_device": stats["device"]})
+                           "kmeans_iter": s.kmeans_iter, "kmeans_objective": km.objective,
+                           "kmeans_seconds": km.seconds, "kmeans_device": km.device})
         print(f"B: {len(x)} features from {len(used)} images -> PCA {pca.dim_in}->"
               f"{pca.dim_out} ({'whitened' if pca.whiten else 'plain'}) + {cb.k} words "
               f"({s.kmeans}) in {time.perf_counter() - t0:.1f} s -> {p_pca.parent}")

@@ -38,20 +38,24 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from lib.artefacts import check_fields, library_versions, output_lock
+from lib.artefacts import library_versions, output_lock
 from lib.cli import load_from_args, make_parser, run_main, setup_logging
 from lib.errors import ArtefactMismatchError, UserError
 from lib.index.assignment_store import AssignmentStore
 from lib.index.bow import SparseVec
 from lib.index.encoding import database_vector, word_dtype
-from lib.provenance import check_provenance, expected_provenance, load_models
+from lib.provenance import (
+    assignment_record,
+    check_assignment_record,
+    check_provenance,
+    expected_provenance,
+    load_models,
+)
 from lib.vocabulary.codebook import Codebook
 
 log = logging.getLogger("blcf.C")
 BATCH_IMAGES = 32  # images per assignment call and per LMDB transaction
 TUNE_FEATURES = 10000  # features used to tune (and report) approximate agreement
-RESUME_FIELDS = ("provenance", "new_dim", "l2norm", "pca_hash", "codebook_hash",
-                 "n_centers", "assignment")
 
 
 def _features(reader: Any, sizes: dict[str, tuple[int, int]], image_id: str
@@ -86,7 +90,7 @@ def open_assignments(path: Path, expected: dict[str, Any]) -> AssignmentStore:
     if (path / "data.mdb").exists():
         st = AssignmentStore(path, readonly=False)
         try:
-            check_fields(expected, st.meta, RESUME_FIELDS, str(path))
+            check_assignment_record(expected, st.meta, str(path))
         except ArtefactMismatchError as e:
             log.warning("%s; rebuilding the assignment store", e)
             st.close()
@@ -142,11 +146,7 @@ def main() -> None:
         db_ids = load_ground_truth(s).db_ids
         out_dir = Path(s.path_output)
         apath = AssignmentStore.path_for(s)
-        expected = {
-            "provenance": prov, "new_dim": list(s.new_dim) if s.new_dim else None,
-            "l2norm": s.l2norm, "pca_hash": pca.content_hash(),
-            "codebook_hash": cb.content_hash(), "n_centers": cb.k, "assignment": s.assignment,
-        }
+        expected = assignment_record(s, pca, cb)
         with output_lock(out_dir, "C"):
             asg = open_assignments(apath, {**expected, **_extra_meta(s)})
             try:

@@ -274,7 +274,7 @@ def map_local_features(fmap: np.ndarray) -> LocalFeatures:
 
 def main(argv: Sequence[str] | None = None) -> None:
     from lib.cli import run_main, setup_logging
-    from lib.settings import _NETWORKS
+    from lib.settings import NETWORKS
 
     p = argparse.ArgumentParser(prog="datasets/clean_noisy.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -282,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                    "[{path, class}]} (lib/learned/training_data.py)")
     p.add_argument("out_json", type=Path, help="cleaned list (same format); the report goes "
                    "to <OUT_JSON stem>.report.json next to it")
-    p.add_argument("--network", default="efficientnet_lite0", choices=_NETWORKS)
+    p.add_argument("--network", default="efficientnet_lite0", choices=NETWORKS)
     p.add_argument("--weights", default="default",
                    help="weight family as in the settings key 'weights' (default: default)")
     p.add_argument("--weights-file", type=Path, default=None,

@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -222,5 +221,3 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def tmp_dir(prefix: str = "blcf-") -> str:
-    return tempfile.mkdtemp(prefix=prefix)

@@ -79,6 +79,34 @@ def check_codebook(codebook: Codebook, path: Path, settings: Mapping[str, Any],
                                     f"{pca.dim_out}-D; {HINT}")
 
 
+ASSIGNMENT_FIELDS = ("new_dim", "l2norm", "pca_hash", "codebook_hash", "n_centers",
+                     "assignment")
+
+
+def assignment_record(settings: Mapping[str, Any], pca: PCAWhitening,
+                      codebook: Codebook) -> dict[str, Any]:
+    """The record that defines an assignment map: step C writes it into the assignment
+    store and the index, streaming checks the store against it, and step D's query
+    encoder compares it with both (and keys its query cache with it)."""
+    nd = settings["new_dim"]
+    return {
+        "provenance": expected_provenance(settings),
+        "new_dim": list(nd) if nd else None,
+        "l2norm": bool(settings["l2norm"]),
+        "pca_hash": pca.content_hash(),
+        "codebook_hash": codebook.content_hash(),
+        "n_centers": int(codebook.k),
+        "assignment": settings["assignment"],
+    }
+
+
+def check_assignment_record(expected: Mapping[str, Any], found: Mapping[str, Any], what: str,
+                            hint: str = "rerun step C with these settings") -> None:
+    """Refuse assignment maps made with other features or models, naming the field."""
+    check_provenance(expected["provenance"], found, what, hint)
+    check_fields(expected, found, ASSIGNMENT_FIELDS, what, hint)
+
+
 def load_models(settings: Mapping[str, Any]) -> tuple[PCAWhitening, Codebook]:
     """PCA-whitening and codebook of this run, checked against the settings. The
     codebook assigns in ``settings.assignment`` mode on ``settings.device``."""

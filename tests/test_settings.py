@@ -39,7 +39,7 @@ def test_defaults_and_relative_paths(tmp_path, base):
     assert s.path_models == tmp_path / "out" / "models"
     assert s.n_centers == 25000 and s.pca_dim == 512
     assert s.new_dim == [42, 32] and s.input_size == [336, 256]
-    assert s.queries_root == tmp_path / "imgs"
+    assert s.path_queries is None and s.path_images == tmp_path / "imgs"
 
 
 def test_data_root_variable(tmp_path, base):

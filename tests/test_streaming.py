@@ -99,11 +99,10 @@ def test_stream_identical_to_normal_path(runs: dict[str, Path]) -> None:
 
 def _store_for(s: Any, path: Path):
     from lib.index.assignment_store import AssignmentStore
-    from lib.index.streaming import expected_store_meta
-    from lib.provenance import load_models
+    from lib.provenance import assignment_record, load_models
 
     pca, cb = load_models(s)
-    return pca, cb, AssignmentStore.create(path, expected_store_meta(s, pca, cb))
+    return pca, cb, AssignmentStore.create(path, assignment_record(s, pca, cb))
 
 
 def test_resume_after_interruption(runs: dict[str, Path], tmp_path: Path) -> None:
@@ -166,12 +165,12 @@ def test_models_from_another_network_refused(runs: dict[str, Path], tmp_path: Pa
 def test_store_from_other_models_refused(runs: dict[str, Path], tmp_path: Path) -> None:
     from lib.groundtruth.loader import DISTRACTOR_PREFIX, load_ground_truth
     from lib.index.assignment_store import AssignmentStore
-    from lib.index.streaming import expected_store_meta, stream_assignments
-    from lib.provenance import load_models
+    from lib.index.streaming import stream_assignments
+    from lib.provenance import assignment_record, load_models
 
     s = _settings(runs["settings"], path_models=str(runs["normal"] / "models"))
     pca, cb = load_models(s)
-    meta = {**expected_store_meta(s, pca, cb), "codebook_hash": "0123456789abcdef"}
+    meta = {**assignment_record(s, pca, cb), "codebook_hash": "0123456789abcdef"}
     ids = [i for i in load_ground_truth(s).db_ids if i.startswith(DISTRACTOR_PREFIX)]
     with (AssignmentStore.create(tmp_path / "assignments.lmdb", meta) as st,
           pytest.raises(ArtefactMismatchError, match="'codebook_hash'")):

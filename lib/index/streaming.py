@@ -32,32 +32,19 @@ from typing import Any
 
 import numpy as np
 
-from lib.artefacts import check_fields
 from lib.errors import UserError
 from lib.index.assignment_store import HEADER as ASG_HEADER
 from lib.index.assignment_store import META_KEY as ASG_META_KEY
 from lib.index.assignment_store import AssignmentStore
 from lib.index.encoding import word_dtype
+from lib.provenance import assignment_record, check_assignment_record
 from lib.vocabulary.codebook import Codebook
 from lib.vocabulary.pca import PCAWhitening
 
 log = logging.getLogger(__name__)
 
 # the assignment-store metadata fields that must agree with what the stream computes
-STORE_FIELDS = ("provenance", "new_dim", "l2norm", "pca_hash", "codebook_hash")
 _HINT = "delete the assignment store (assignments.lmdb) or rerun step C with these settings"
-
-
-def expected_store_meta(settings: Mapping[str, Any], pca: PCAWhitening,
-                        codebook: Codebook) -> dict[str, Any]:
-    """The metadata fields that define an assignment map (the same record step C writes)."""
-    from lib.provenance import expected_provenance
-
-    nd = settings["new_dim"]
-    return {"provenance": expected_provenance(settings),
-            "new_dim": list(nd) if nd else None, "l2norm": bool(settings["l2norm"]),
-            "pca_hash": pca.content_hash(), "codebook_hash": codebook.content_hash(),
-            "n_centers": codebook.k, "assignment": settings["assignment"]}
 
 
 def stored_sizes(store: AssignmentStore) -> dict[str, tuple[int, int]]:
@@ -159,8 +146,8 @@ def stream_assignments(settings: Mapping[str, Any], image_ids: Sequence[str],
     if len(set(ids)) != len(ids):
         raise UserError("distractor list: duplicate image ids")
     check_models(settings, pca, codebook)
-    check_fields(expected_store_meta(settings, pca, codebook), store.meta, STORE_FIELDS,
-                 str(store.path), _HINT)
+    check_assignment_record(assignment_record(settings, pca, codebook), store.meta,
+                            str(store.path), _HINT)
     stored = stored_sizes(store)
     stored = {i: stored[i] for i in ids if i in stored}
     todo = [i for i in ids if i not in stored]

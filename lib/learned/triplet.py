@@ -381,10 +381,6 @@ def train_triplet(model: RetrievalNet, images: Sequence[torch.Tensor], labels: n
     return state
 
 
-def config_dict(cfg: TrainConfig) -> dict[str, Any]:
-    return asdict(cfg)
-
-
 # --------------------------------------------------------------------------- data
 
 

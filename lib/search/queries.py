@@ -334,36 +334,6 @@ class BowSearcher:
 # --------------------------------------------------------------------------- query encoder
 
 
-ASSIGNMENT_FIELDS = ("pca_hash", "codebook_hash", "n_centers", "new_dim", "l2norm",
-                     "assignment")
-
-
-def assignment_meta(settings: Any, pca: Any, codebook: Any) -> dict[str, Any]:
-    """The fields that decide an assignment map: what the query cache records and what
-    the database assignment store must agree with."""
-    from lib.features.networks import feature_provenance
-
-    return {
-        "provenance": dict(feature_provenance(settings)),
-        "pca_hash": pca.content_hash(),
-        "codebook_hash": codebook.content_hash(),
-        "n_centers": int(codebook.k),
-        "new_dim": list(settings["new_dim"]) if settings["new_dim"] else None,
-        "l2norm": bool(settings["l2norm"]),
-        "assignment": settings["assignment"],
-    }
-
-
-def check_assignment_meta(expected: dict[str, Any], found: dict[str, Any], what: str) -> None:
-    """Refuse a store made with other features or models, naming the field."""
-    from lib.artefacts import check_fields
-    from lib.provenance import check_provenance
-
-    hint = "rerun step C with these settings"
-    check_provenance(expected["provenance"], found, what, hint)
-    check_fields(expected, found, ASSIGNMENT_FIELDS, what, hint)
-
-
 class QueryEncoder:
     """Query image -> assignment maps of its views -> masked, L2-normalised query vector.
 
@@ -377,7 +347,7 @@ class QueryEncoder:
     def __init__(self, settings: Any, db_store: Any | None = None) -> None:
         from pathlib import Path
 
-        from lib.provenance import load_models
+        from lib.provenance import assignment_record, load_models
 
         self.s = settings
         self.pca, self.codebook = load_models(settings)
@@ -386,7 +356,7 @@ class QueryEncoder:
             self.codebook.n_candidates = int(db_store.meta["n_candidates"])
         self.n_words = int(self.codebook.k)
         self.variants = list(variants_for(int(settings["augmentation"])))
-        self.meta = assignment_meta(settings, self.pca, self.codebook)
+        self.meta = assignment_record(settings, self.pca, self.codebook)
         self.cache_path = Path(settings["path_output"]) / "query_words.lmdb"
         same_root = settings["path_queries"] in (None, settings["path_images"])
         self.db_store = db_store if same_root else None
@@ -720,6 +690,7 @@ def bow_rankings(settings: Any, gt: Any, out_dir: Any, progress: Any = None) -> 
     from lib.artefacts import check_fields
     from lib.index.assignment_store import AssignmentStore
     from lib.index.inverted_file import InvertedFile
+    from lib.provenance import check_assignment_record
     from lib.search.rankings import write_ranking_folder
 
     s = settings
@@ -728,11 +699,11 @@ def bow_rankings(settings: Any, gt: Any, out_dir: Any, progress: Any = None) -> 
     encoder = None
     try:
         encoder = QueryEncoder(s, db_store)
-        check_assignment_meta(encoder.meta, db_store.meta, str(apath))
+        check_assignment_record(encoder.meta, db_store.meta, str(apath))
         ipath = Path(s["path_output"]) / "index"
         index = InvertedFile.load(ipath)
         what = str(ipath / "meta.json")
-        check_assignment_meta(encoder.meta, index.meta, what)
+        check_assignment_record(encoder.meta, index.meta, what)
         check_fields({"weighting": s["weighting"], "idf": bool(s["idf"])}, index.meta,
                      ("weighting", "idf"), what, "rerun step C with these settings")
         if int(index.n_words) != encoder.n_words:

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -294,17 +295,30 @@ def _torch_lloyd_step(x: np.ndarray, k: int, bar: tqdm
     return step
 
 
+@dataclass(frozen=True)
+class KMeansResult:
+    """What :func:`train_kmeans` made: the words and how they were trained (step B
+    records the statistics in the codebook's metadata)."""
+
+    centroids: np.ndarray  # (k, D) float32
+    objective: float  # sum of squared distances at the last iteration's assignment
+    seconds: float
+    device: str
+    empty_clusters_split: int
+    n_train: int
+    niter: int
+
+
 def train_kmeans(x: np.ndarray, k: int, niter: int, seed: int, mode: str = "exact",
-                 device: str = "auto") -> np.ndarray:
-    """Lloyd's k-means on the rows of ``x`` -> (k, D) float32 centroids.
+                 device: str = "auto") -> KMeansResult:
+    """Lloyd's k-means on the rows of ``x``: (k, D) float32 centroids and statistics.
 
     ``mode='exact'``: brute-force assignment (FAISS ``IndexFlatL2`` on the CPU; on CUDA
     FAISS-GPU when installed, else a torch tf32 matrix product). ``'approximate'``: the
     PQ fast-scan shortlist of :data:`KMEANS_CANDIDATES` words re-ranked exactly, rebuilt
     over the current centroids every iteration (CPU), and a point keeps its previous
     word when the shortlist found nothing closer. Progress
-    and ETA go to a tqdm bar; the final objective is logged and kept in
-    ``train_kmeans.last_stats``."""
+    and ETA go to a tqdm bar; the final objective is logged and returned."""
     if mode not in MODES:
         raise UserError(f"kmeans mode '{mode}': expected one of {', '.join(MODES)}")
     if x.ndim != 2:
@@ -349,15 +363,9 @@ def train_kmeans(x: np.ndarray, k: int, niter: int, seed: int, mode: str = "exac
     finally:
         bar.close()
     secs = time.perf_counter() - t0
-    train_kmeans.last_stats = {  # type: ignore[attr-defined]
-        "objective": objective, "seconds": round(secs, 2), "device": dev,
-        "empty_clusters_split": int(n_split), "n_train": int(n), "niter": int(niter)}
     log.info("k-means %s (%s): %d x %d -> %d words, %d iterations in %.1f s, objective %.6g",
              mode, dev, n, dim, k, niter, secs, objective)
-    return cent
-
-
-train_kmeans.last_stats = {}  # type: ignore[attr-defined]
+    return KMeansResult(cent, objective, round(secs, 2), dev, int(n_split), int(n), int(niter))
 
 
 def kmeans_objective(x: np.ndarray, centroids: np.ndarray) -> float:
@@ -387,7 +395,6 @@ class Codebook:
         self.n_candidates = DEFAULT_CANDIDATES
         self._exact: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
         self._shortlist: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
-        self._flat: faiss.IndexFlatL2 | None = None
 
     @property
     def _approximate(self) -> bool:
@@ -429,73 +436,6 @@ class Codebook:
     def exact_assign(self, x: np.ndarray) -> np.ndarray:
         """Brute-force nearest word, whatever the mode (reference for agreement)."""
         return _chunked(self._exact_search(), np.asarray(x, np.float32))[0]
-
-    def nearest_words(self, x: np.ndarray, r: int) -> np.ndarray:
-        """The ``r`` nearest words of each row of ``x``, (n, r) int64: exact search, or in
-        approximate mode the best ``r`` of a shortlist of max(n_candidates, 2r) words
-        re-ranked exactly."""
-        x = np.ascontiguousarray(x, np.float32)
-        r = min(int(r), self.k)
-        if self._approximate:
-            idx = self._searcher().index  # type: ignore[attr-defined]
-            idx.k_factor = float(max(self.n_candidates / max(r, 1), 2.0))  # reset by assign
-            x = _pad(x, idx.d)
-        else:
-            idx = getattr(self._exact_search(), "index", None)
-            if idx is None:  # the torch CUDA search has no index: a CPU flat one for k-NN
-                if self._flat is None:
-                    self._flat = faiss.IndexFlatL2(self.dim)
-                    self._flat.add(self.centroids)
-                idx = self._flat
-        out = np.empty((len(x), r), np.int64)
-        for s in range(0, len(x), _CHUNK):
-            out[s:s + _CHUNK] = idx.search(x[s:s + _CHUNK], r)[1]
-        return out
-
-    def assign_upsampled(self, native: np.ndarray, native_hw: tuple[int, int],
-                         up: np.ndarray, up_hw: tuple[int, int], r: int = 16
-                         ) -> np.ndarray:
-        """Nearest words of the local features of a bilinearly upsampled map (aligned
-        corners, as step C makes them), searched only among the ``r`` exact nearest
-        words of each of the (up to) four native cells a feature is interpolated from.
-
-        Why: an interpolated feature lies between its sources, so its word is almost
-        always among theirs. One exact search of the h*w native features (a quarter of
-        the work at 2x upsampling) plus a 4r-word exact re-ranking per upsampled feature
-        replaces a K-word search per upsampled feature (benchmarks/bench_assignment.py,
-        ``--interp``). ``native``: (h*w, D), ``up``: (H*W, D), both row-major and in the
-        same L2-PCA-L2 space as the words."""
-        h, w = (int(v) for v in native_hw)
-        if np.shape(native) != (h * w, self.dim):
-            raise ValueError(f"feature shapes {np.shape(native)}, {np.shape(up)} do not match "
-                             f"maps {native_hw}, {up_hw} of {self.dim}-D features")
-        return self.assign_from_sources(self.nearest_words(native, r), native_hw, up, up_hw)
-
-    def assign_from_sources(self, cand: np.ndarray, native_hw: tuple[int, int],
-                            up: np.ndarray, up_hw: tuple[int, int]) -> np.ndarray:
-        """The second half of :meth:`assign_upsampled`, given the (h*w, r) candidate
-        words of the native cells (so that a batch of images searches its native
-        features in one call)."""
-        (h, w), (hh, ww) = (int(v) for v in native_hw), (int(v) for v in up_hw)
-        up = np.ascontiguousarray(up, np.float32)
-        if cand.shape[0] != h * w or up.shape != (hh * ww, self.dim):
-            raise ValueError(f"feature shapes {cand.shape}, {up.shape} do not match maps "
-                             f"{native_hw}, {up_hw} of {self.dim}-D features")
-        ys = np.arange(hh) * ((h - 1) / max(hh - 1, 1))
-        xs = np.arange(ww) * ((w - 1) / max(ww - 1, 1))
-        y0 = np.floor(ys + 1e-9).astype(np.int64)
-        x0 = np.floor(xs + 1e-9).astype(np.int64)
-        y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
-        src = [(ya[:, None] * w + xa[None, :]).ravel() for ya in (y0, y1) for xa in (x0, x1)]
-        words = np.empty(hh * ww, np.int64)
-        half_sq = 0.5 * np.einsum("ij,ij->i", self.centroids, self.centroids)
-        step = max(1, (1 << 24) // (4 * cand.shape[1] * self.dim))  # ~64 MB of gathered words
-        for s in range(0, hh * ww, step):
-            c = np.concatenate([cand[a[s:s + step]] for a in src], axis=1)  # (n, 4r)
-            # argmin |u - c|^2 = argmax u.c - |c|^2 / 2 (u's own norm is common)
-            score = np.einsum("nd,nkd->nk", up[s:s + step], self.centroids[c]) - half_sq[c]
-            words[s:s + step] = c[np.arange(len(c)), np.argmax(score, axis=1)]
-        return words
 
     def tune(self, sample: np.ndarray, target: float = 0.97) -> float:
         """Approximate mode: the shortest shortlist on :data:`CANDIDATE_LADDER` whose
