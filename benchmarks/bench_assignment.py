@@ -30,11 +30,8 @@ import faiss
 import numpy as np
 
 from benchmarks.bench_kmeans import synthetic_features
+from lib.features.local_features import l2n
 from lib.vocabulary.codebook import CANDIDATE_LADDER, Codebook, pq_layout, train_kmeans
-
-
-def _l2(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def _read(reader: Any, ids: list[str], picks: np.ndarray, n: int) -> np.ndarray:
@@ -69,8 +66,8 @@ def real_data(store_path: Path, new_dim: list[int] | None, n_train: int, n_query
     pca = PCAWhitening.fit(train, min(pca_dim, train.shape[1]), whiten=True)
     test = _read(LocalFeatureReader(store, new_dim, l2norm=True), ids, order[half:],
                  n_query + 5000)
-    return _l2(pca.transform(train)), _l2(pca.transform(test[:n_query])), \
-        _l2(pca.transform(test[n_query:]))
+    return l2n(pca.transform(train)), l2n(pca.transform(test[:n_query])), \
+        l2n(pca.transform(test[n_query:]))
 
 
 def main() -> None:

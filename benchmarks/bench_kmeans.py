@@ -22,12 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from lib.features.local_features import l2n
 from lib.vocabulary.codebook import kmeans_objective, train_kmeans
 from lib.vocabulary.pca import PCAWhitening
-
-
-def _l2(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def synthetic_features(n: int, dim: int = 512, n_modes: int = 2000, seed: int = 0,
@@ -44,10 +41,10 @@ def synthetic_features(n: int, dim: int = 512, n_modes: int = 2000, seed: int = 
     lab = rng.choice(n_modes, size=n, p=weights)
     low = modes[lab] + 0.6 * rng.standard_normal((n, 64)).astype(np.float32)
     x = low @ basis + 0.05 * rng.standard_normal((n, dim)).astype(np.float32)
-    x = _l2(np.maximum(x, 0) + 1e-3)
+    x = l2n(np.maximum(x, 0) + 1e-3)
     if pca is None:
         pca = PCAWhitening.fit(x, dim, whiten=True)
-    return _l2(pca.transform(x)), pca
+    return l2n(pca.transform(x)), pca
 
 
 def store_features(store_path: Path, n: int, seed: int) -> np.ndarray:
@@ -69,7 +66,7 @@ def store_features(store_path: Path, n: int, seed: int) -> np.ndarray:
             break
     x = np.concatenate(rows)[:n]
     pca = PCAWhitening.fit(x, x.shape[1], whiten=True)
-    return _l2(pca.transform(x))
+    return l2n(pca.transform(x))
 
 
 def main() -> None:

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from lib.artefacts import check_fields, library_versions, output_lock
 from lib.cli import load_from_args, make_parser, run_main, setup_logging
 from lib.errors import UserError
+from lib.features.local_features import l2n
 from lib.provenance import (
     CODEBOOK_FIELDS,
     HINT,
@@ -49,10 +50,9 @@ _CHUNK = 65536
 
 
 def _l2_rows(x: np.ndarray) -> None:
-    """In-place row L2 normalisation, chunked."""
+    """In-place row L2 normalisation, chunk by chunk (the sample can fill most of RAM)."""
     for s in range(0, len(x), _CHUNK):
-        b = x[s:s + _CHUNK]
-        b /= np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+        x[s:s + _CHUNK] = l2n(x[s:s + _CHUNK])
 
 
 def sample_features(reader: Any, ids: list[str], n_samples: int, max_images: int,

@@ -15,14 +15,27 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lib.artefacts import read_json, write_json_atomic
 from lib.errors import UserError
 from lib.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one step did: every step's library entry point returns one, its script prints
+    ``summary``, and ``run_all`` and the tests read the rest."""
+
+    step: str  # "A".."E", "T", or "D-pooling"
+    summary: str  # the one line the script prints
+    outputs: tuple[Path, ...] = ()  # what it wrote (folders or files)
+    counts: dict[str, Any] = field(default_factory=dict)  # images, features, queries, ...
+    seconds: float = 0.0
 SCRIPTS = Path(__file__).resolve().parent.parent / "bow_pipeline"
 
 

@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from lib.features.local_features import l2n
+
 if TYPE_CHECKING:
     from lib.vocabulary.pca import PCAWhitening
 
@@ -103,11 +105,6 @@ def rmac_region_vectors(maps: np.ndarray, regions: np.ndarray) -> np.ndarray:
     return out
 
 
-def _l2(x: np.ndarray) -> np.ndarray:
-    n = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.maximum(n, EPS)
-
-
 def rmac(maps: np.ndarray, L: int = 3, pca: Transform | None = None,
          weights: np.ndarray | None = None) -> np.ndarray:
     """The R-MAC vector of one (C, h, w) map: per region max → L2 → PCA-whitening (when
@@ -122,14 +119,14 @@ def rmac(maps: np.ndarray, L: int = 3, pca: Transform | None = None,
     regions = rmac_regions(maps.shape[1], maps.shape[2], L)
     v = rmac_region_vectors(maps, regions)
     alive = np.linalg.norm(v, axis=1) > EPS
-    v = _l2(v[alive])
+    v = l2n(v[alive])
     if pca is not None and len(v):
-        v = _l2(np.asarray(pca.transform(v), dtype=np.float32))
+        v = l2n(np.asarray(pca.transform(v), dtype=np.float32))
     if not len(v):
         dim = maps.shape[0] if pca is None else np.asarray(
             pca.transform(np.zeros((1, maps.shape[0]), np.float32))).shape[1]
         return np.zeros(dim, np.float32)
-    return _l2(v.sum(axis=0)).astype(np.float32)
+    return l2n(v.sum(axis=0)).astype(np.float32)
 
 
 def region_vectors_for_pca(maps: np.ndarray, L: int = 3) -> np.ndarray:
@@ -138,7 +135,7 @@ def region_vectors_for_pca(maps: np.ndarray, L: int = 3) -> np.ndarray:
     maps = np.asarray(maps, dtype=np.float32)
     v = rmac_region_vectors(maps, rmac_regions(maps.shape[1], maps.shape[2], L))
     v = v[np.linalg.norm(v, axis=1) > EPS]
-    return _l2(v)
+    return l2n(v)
 
 
 def affine_of(pca: Transform, channels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -157,7 +154,7 @@ def fit_rmac_pca(region_vectors: np.ndarray, dim: int, whiten: bool = True) -> P
     rank (channels, and regions - 1): whitening a null direction would blow it up."""
     from lib.vocabulary.pca import PCAWhitening
 
-    x = _l2(np.asarray(region_vectors, np.float32))
+    x = l2n(np.asarray(region_vectors, np.float32))
     x = x[np.linalg.norm(x, axis=1) > 0.5]
     if len(x) < 2:
         raise ValueError(f"R-MAC PCA needs at least 2 non-zero region vectors, got {len(x)}")

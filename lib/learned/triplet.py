@@ -36,6 +36,7 @@ from torch import nn
 
 from lib.artefacts import atomic_path
 from lib.errors import UserError
+from lib.features.extraction import pick_device
 from lib.learned.rmac import Transform, affine_of, fit_rmac_pca, rmac_regions
 
 log = logging.getLogger(__name__)
@@ -405,14 +406,6 @@ def load_training_images(files: Sequence[Path], settings: Any
         images.append(resize_image(img, hw, settings["antialias"]))
         ok.append(i)
     return images, ok, bad
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto``: CUDA when present (the CUDA path is untested in this project's CI)."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("settings key 'device' is 'cuda' but no CUDA device is available")
-    return torch.device("cuda" if name == "cuda" or (name == "auto"
-                                                     and torch.cuda.is_available()) else "cpu")
 
 
 # --------------------------------------------------------------------------- the step

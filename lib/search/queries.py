@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from lib.features.local_features import l2n
 from lib.index.bow import SparseVec, bow_vector
 from lib.search.geometry import Box, Cells, box_to_cells, resize_bilinear
 
@@ -213,13 +214,6 @@ def pool_map(maps: np.ndarray, method: str, p: float = 3.0,
 
         return rmac(x, L=rmac_levels)
     raise ValueError(f"pooling '{method}': expected one of {', '.join(POOLINGS)}")
-
-
-def l2_rows(x: np.ndarray) -> np.ndarray:
-    """Row-wise L2 normalisation; all-zero rows stay zero."""
-    x = np.asarray(x, np.float32)
-    n = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.maximum(n, 1e-12)
 
 
 # --------------------------------------------------------------------------- BoW search
@@ -594,7 +588,7 @@ def pooling_rankings(settings: Any, gt: Any, out_dir: Any, progress: Any = None)
     for k, v in enumerate(raw):
         if v is not None:
             X[k] = v
-    X = l2_rows(X)
+    X = l2n(X)
     post = None
     if s["pooling_pca"] and method != "rmac":
         n_ok = int(db_maps_ok.sum())
@@ -603,7 +597,7 @@ def pooling_rankings(settings: Any, gt: Any, out_dir: Any, progress: Any = None)
             log.warning("pooling PCA: pca_dim %d capped to %d (%d images, %d-D vectors)",
                         int(s["pca_dim"]), cap, n_ok, X.shape[1])
         post = PCAWhitening.fit(X[db_maps_ok], cap, bool(s["whiten"]))
-        X = l2_rows(post.transform(X))
+        X = l2n(post.transform(X))
         X[~db_maps_ok] = 0
     t_db = time.perf_counter() - t0
 
@@ -632,9 +626,9 @@ def pooling_rankings(settings: Any, gt: Any, out_dir: Any, progress: Any = None)
             v = rmac(m, L, pca, weights=w)
         else:
             v = pool_map(m, method, p, weights=w)
-        v = l2_rows(v[None])
+        v = l2n(v[None])
         if post is not None:
-            v = l2_rows(post.transform(v))
+            v = l2n(post.transform(v))
         Q[qi] = v[0]
     S = Q @ X.T
     S[:, ~db_maps_ok] = -1.0
