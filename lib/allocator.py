@@ -4,10 +4,9 @@ Why: every query allocates a few arrays the size of the database (scores, ranks,
 candidates: 0.4-0.8 MB each at 105k images, 4-8 MB at 1M). By default glibc gives such
 blocks back to the kernel when they are freed (blocks above its mmap threshold are
 unmapped; free space at the top of the heap is trimmed), so the next query writes to
-fresh pages and pays one page fault per 4 KiB. At 105k images a whole-image query took
-1.7 ms instead of 0.4 with the top 100 ranked, and 1.9 ms instead of 1.5 with every
-image ranked (benchmarks/bench_inverted_file.py --default-malloc, which calls search
-after scores on the same query).
+fresh pages and pays one page fault per 4 KiB. Once scoring itself is fast, those page
+faults can cost more than the scoring (benchmarks/bench_inverted_file.py
+--default-malloc measures both ways; figures in benchmarks/README.md).
 
 Raising the two thresholds keeps up to ``trim_mib`` of freed memory for reuse and serves
 blocks up to ``mmap_mib`` from the heap. The cost is that much RSS the process may hold

@@ -141,7 +141,7 @@ def read_revisited_layout(data: Mapping[str, Any], name: str, source: Path,
 
 @register("generic")
 def read_generic_json(path_gt: Path, path_images: Path, name: str) -> GroundTruth:
-    """A JSON file in the revisited layout (see ``../shared/data/smvs_dvd/gnd_*.json``)."""
+    """A JSON file in the revisited layout (the format is in docs/formats.md)."""
     if path_gt.is_dir():
         raise UserError(f"{path_gt}: gt_format 'generic' expects a JSON file, not a folder")
     try:

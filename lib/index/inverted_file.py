@@ -5,7 +5,8 @@ and scored through a ``std::map``; at 1M images that is ~8 GB to build in memory
 the build runs partition by partition (bounded memory), the merge streams word blocks
 from the partitions straight to disk, a posting costs 6 bytes, and a query touches only
 the postings of its own words (scipy's compiled sparse kernels copy the query's posting
-runs and multiply them by the query weights; ~1-2 ns of CPU per posting touched).
+runs and multiply them by the query weights), so a query's cost is proportional to the
+postings it touches (figures: benchmarks/README.md).
 
 Format (a folder, written atomically; format version 1)::
 
@@ -62,10 +63,9 @@ WEIGHT_SCALE = 65535  # uint16 fixed point: stored = round(weight * WEIGHT_SCALE
 DEFAULT_PARTITION_POSTINGS = 1 << 25
 # Postings per merge block (read from all partitions, written out in one go).
 MERGE_BLOCK_POSTINGS = 1 << 24
-# Postings gathered at once while scoring. A block's copies (~10 bytes a posting) stay
-# in the CPU caches: a box query touching 15.5M postings of a 105k index took 15.4-16.4
-# ms of CPU with 2**17-2**20-posting blocks, 18.4 ms with 2**21 and 21.1 ms with the
-# 2**22 used before (one core, benchmarks/bench_scoring.py).
+# Postings gathered at once while scoring. Small enough that a block's copies (~10 bytes
+# a posting) stay in the CPU caches, large enough that the per-block overhead vanishes;
+# benchmarks/bench_scoring.py times the block sizes (figures: benchmarks/README.md).
 SCORE_BLOCK = 1 << 19
 # top_k: rows of the score matrix whose column maxima bound the k-th score (see top_k).
 TOP_K_ROWS = 32
@@ -374,8 +374,9 @@ class InvertedFile:
         self.n_words: int = header["n_words"]
         self.n_postings: int = header["n_postings"]
         self.offsets, self.docs, self.weights, self.idf = offsets, docs, weights, idf
-        # plain ndarray views of the same mapping: slicing a np.memmap costs ~3 us (its
-        # __array_finalize__), an ndarray ~0.15 us, and scoring slices once per query word
+        # plain ndarray views of the same mapping: slicing a np.memmap runs its
+        # __array_finalize__ each time, an ndarray slice does not, and the fallback
+        # scoring path slices once per query word
         self._docs, self._weights = np.asarray(docs), np.asarray(weights)
         self._df = np.diff(offsets)
         self._kernels: Any = False  # _run_kernels(): not looked up yet
@@ -479,11 +480,11 @@ class InvertedFile:
         """Cosine score of every image (float32, n_docs), touching only the query's
         postings: per block of ~SCORE_BLOCK postings, the posting runs of the block's
         words become a (n_docs x block words) CSC matrix multiplied by the query weights
-        in scipy's compiled loop (~1-2 ns of CPU per posting; ``np.add.at`` took ~4.5,
-        benchmarks/bench_inverted_file.py). Each image's score is accumulated in float32
-        in query-word order; with scipy's kernels across blocks too, while the public-API
-        fallback sums each block before adding it (a difference of ~1e-7 when a query
-        spans several blocks)."""
+        in scipy's compiled loop (no Python per posting or per word, unlike the
+        ``np.add.at`` gather it replaced; benchmarks/README.md). Each image's score is
+        accumulated in float32 in query-word order; with scipy's kernels across blocks
+        too, while the public-API fallback sums each block before adding it (a
+        difference of ~1e-7 when a query spans several blocks)."""
         idx, val = self.query_weights(q)
         out = np.zeros(self.n_docs, np.float32)
         if idx.size == 0:
@@ -536,7 +537,7 @@ class InvertedFile:
                 self._kernels = None
         docs32 = self._docs.view(np.int32)  # doc ids < 2**31: same bytes, scipy's type
         lo, hi = starts.tolist(), ends.tolist()
-        # contiguous runs copied with memcpy speed; ~0.3 us a word for the comprehension
+        # contiguous runs copied with memcpy speed; the comprehension costs Python per word
         docs = np.concatenate([docs32[i:j] for i, j in zip(lo, hi)])
         w = np.concatenate([self._weights[i:j] for i, j in zip(lo, hi)])
         out += sparse.csc_matrix((w, docs, indptr), shape=(self.n_docs, idx.size)) @ scale
@@ -550,8 +551,8 @@ class InvertedFile:
         Why: the index's arrays are already a CSR matrix of words (offsets, docs,
         weights), so the kernels copy a query's posting runs in one call instead of
         slicing them word by word (Python objects per word) and skip the public API's
-        per-call checks: 0.23 ms for a 136k-posting box query at 105k images against
-        0.37 ms through the public API (benchmarks/bench_scoring.py)."""
+        per-call checks (the two paths are timed by benchmarks/bench_scoring.py; figures
+        in benchmarks/README.md)."""
         if self._kernels is False:
             kernels = None
             if self.n_postings <= KERNEL_MAX_POSTINGS and self.n_docs < 2**31:
@@ -590,9 +591,10 @@ def top_k(s: np.ndarray, k: int) -> np.ndarray:
     maximum, k columns hold a score >= t, so the k-th largest score is >= t and every
     score that can rank in the top k lies in a column whose maximum is >= t (or in the
     < B leftover scores). Only those ~k columns are gathered and ranked exactly. The
-    column maxima are one vectorised pass (an element-wise max of B contiguous rows):
-    ~0.07 ms at 105k images against ~1.1 ms for a full ranking
-    (benchmarks/bench_scoring.py)."""
+    column maxima are one vectorised pass (an element-wise max of B contiguous rows), so
+    the cost is O(n_docs) plus a sort of ~B*k scores instead of a sort of n_docs
+    (timed against the full ranking by benchmarks/bench_scoring.py; figures in
+    benchmarks/README.md)."""
     s = np.asarray(s)
     n = s.size
     k = min(int(k), n)

@@ -4,7 +4,7 @@ Why here: the issue-10 line adds a learned global descriptor next to BoW; the sa
 grid serves D_rankings_Pooling (``pooling = rmac``, numpy) and the trainable head of
 :mod:`lib.learned.triplet` (torch), so both use :func:`rmac_regions`.
 
-Region rule (documented in the README, tested in tests/test_rmac.py). For an ``h``×``w``
+Region rule (documented in docs/learned.md, tested in tests/test_rmac.py). For an ``h``×``w``
 map with short side ``m = min(h, w)`` and long side ``M = max(h, w)``:
 
 * Extra regions along the long side: ``d`` in 1..6 minimising

@@ -39,15 +39,18 @@ _SPLIT_EPS = 1.0 / 1024.0  # relative perturbation when splitting a cluster (as 
 # the shortlist is re-ranked by exact distance (IndexRefineFlat). PQ_DSUB = 8 from 256-D
 # up; smaller features get 4-, 2- or 1-D sub-quantisers so that there are at least 32
 # (a coarser code shortlists badly). Why not HNSW (used
-# before): whitened conv features are close to isotropic, so a graph needs a few hundred
-# full 512-D distances per feature for 97 % agreement, only ~2x cheaper than blocked
-# brute force; the fast scan reads 32 bytes of code per word and looks distances up in
-# SIMD-register tables: x6.6-7.6 at 97.5-98 % (benchmarks/bench_assignment.py).
+# before): whitened conv features are close to isotropic, so a graph must compute a few
+# hundred full-dimension distances per feature to find the nearest word reliably, which
+# is not much cheaper than blocked brute force; the fast scan instead reads 32 bytes of
+# code per word and looks distances up in SIMD-register tables, and only the short list
+# pays full distances. benchmarks/bench_assignment.py compares the three (figures in
+# benchmarks/README.md).
 PQ_DSUB = 8
 PQ_MIN_M = 32
-# FAISS fast-scan query blocking: four groups of 4 queries per kernel call measured ~1.25x
-# the default's throughput here (51.6k vs 41.1k features/s, 512-D, 25k words, 2 threads);
-# the words found are the same (blocking only changes how queries share the table reads).
+# FAISS fast-scan query blocking: four groups of 4 queries per kernel call let the
+# queries share each read of the look-up tables, which raised the throughput over FAISS's
+# default blocking in bench_assignment.py (benchmarks/README.md); the words found are the
+# same (blocking only changes how queries share the table reads).
 PQ_QUERY_BLOCKS = 0x4444
 APPROX_MIN_K = 1024  # below this brute force costs as little: approximate = exact
 DEFAULT_CANDIDATES = 64  # Codebook.assign before tune() picks one for the data at hand
