@@ -1,55 +1,26 @@
 #!/usr/bin/env python
 """Step A: local CNN feature maps of every database image, into an LMDB feature store.
 
-Input: the settings' database images (the ground truth's database list, gt_format +
-path_gt + path_images, plus path_distractors unless stream_distractors is true: then
-step C streams them and keeps only their word maps), the backbone (network, weights,
-weights_file, layers) and the resize rule (resize, input_size, max_side, antialias).
-Portrait images (taller than wide) go in at input_size (e.g. 336x256), all others,
-squares included, at its transpose (256x336); resize = max_side keeps the aspect ratio.
-
-Output: <path_features>/<network>-<weights>-<layers>-<H>x<W>-<resize>.lmdb, an LMDB
-folder: key = image id, value = header (magic LCF1, dtype, number of layers, original
-H0 and W0) + per layer (C, h, w) + the maps in feature_dtype (float16 by default);
-a __meta__ record (feature provenance, count, settings hash, library versions).
-Unreadable images are listed in <same name>.corrupted.txt (image_id<TAB>reason) and
-skipped. Rerunning skips stored images; an interrupted run resumes and ends with exactly
-the store of an uninterrupted run. A store made with other feature settings is refused
-with the field named.
-
-Speed: decoding runs in num_workers DataLoader processes; batch_size images per
-forward pass; CUDA when present (device), fp16/bf16 via precision (CUDA only).
+Reads the database images named by the ground truth and the backbone of the settings;
+writes <path_features>/<network>-<weights>-<layers>-<H>x<W>-<resize>.lmdb (and
+<same name>.corrupted.txt for unreadable images). Rerunning resumes; a store made with
+other feature settings is refused. Details: lib/features/step.py.
 """
 
 from __future__ import annotations
 
-from lib.cli import load_from_args, make_parser, run_main, setup_logging
+from lib.cli import make_parser, run_step
 
 
 def main() -> None:
-    p = make_parser("A_feature_extraction.py", __doc__)
-    args = p.parse_args()
-    setup_logging(args.verbose, args.quiet)
+    args = make_parser("A_feature_extraction.py", __doc__).parse_args()
 
-    def body() -> int:
-        from lib.artefacts import output_lock
-        from lib.features.extraction import run_extraction
-        from lib.features.feature_store import FeatureStore
-        from lib.groundtruth.loader import DISTRACTOR_PREFIX, load_ground_truth
+    def call(settings):
+        from lib.features.step import extract_features
 
-        settings = load_from_args(args)
-        ids = load_ground_truth(settings).db_ids
-        if settings["stream_distractors"]:  # step C streams them: no float maps on disk
-            ids = [i for i in ids if not i.startswith(DISTRACTOR_PREFIX)]
-        path = FeatureStore.path_for(settings)
-        with output_lock(settings["path_output"], "A"):
-            r = run_extraction(settings, ids, path)
-        print(f"A: {r['extracted']} extracted, {r['skipped']} already stored, "
-              f"{r['corrupt']} corrupt, {r['images_per_s']:.1f} images/s on {r['device']} "
-              f"({r['seconds']:.1f} s) -> {r['store']}")
-        return 0
+        return extract_features(settings)
 
-    run_main(body, "A")
+    run_step(args, "A", call)
 
 
 if __name__ == "__main__":

@@ -1,83 +1,16 @@
 """Step E: evaluate a ranking folder against the ground truth.
 
-Inputs: a ranking folder written by D (--ranking; default <path_output>/bow; a relative
-name such as pooling_sum is taken inside path_output): queries.txt, lists/<query>.txt
-(every database image id, best first), ranking.json; and the ground truth named by the
-settings (gt_format, path_gt, path_images, path_distractors).
-AP follows the Oxford compute_ap rule: junk entries are skipped (they advance neither rank
-nor recall), trapezoid accumulation with the previous precision starting at 1, images
-missing from a list are never retrieved. Revisited sets add Easy/Medium/Hard mAP and
-mP@1/5/10 (queries without positives are left out of a mean); TRECVid is evaluated per
-query image at shot level (best keyframe per shot; AP divides by all relevant shots).
-An unknown image id, a missing list or a duplicate in a list stops with the file and
-line named.
-Outputs, in the ranking folder:
-  map.txt       one AP per line in queries.txt order (nan: no positives), no header
-  results.json  mAP, per-query AP, per-landmark means (Oxford/Paris), easy/medium/hard
-                blocks (revisited), shot-level AP (TRECVid), n_queries, the settings
-                that produced the lists (from ranking.json) and the folder name
-  report/       the HTML report, when the settings say report = true
+Reads a ranking folder written by D (--ranking; default <path_output>/bow; a relative
+name such as pooling_sum is taken inside path_output) and the ground truth named by the
+settings. Writes into that folder: map.txt (one AP per line in queries.txt order, nan:
+no positives), results.json (mAP, per-query AP, per-landmark or easy/medium/hard
+blocks) and, when the settings say report = true, report/ (HTML). AP follows the Oxford
+compute_ap rule. Details: lib/evaluation/step.py.
 """
 
 from __future__ import annotations
 
-import logging
-import math
-from pathlib import Path
-from typing import Any
-
-from lib.artefacts import output_lock, write_json_atomic, write_text_atomic
-from lib.cli import load_from_args, make_parser, run_main, setup_logging
-from lib.errors import UserError
-
-log = logging.getLogger("blcf.E")
-
-
-def ranking_dir(path_output: Path, ranking: str | None) -> Path:
-    """The ranking folder: absolute as given, else inside path_output (default ``bow``)."""
-    if not ranking:
-        return Path(path_output) / "bow"
-    p = Path(ranking).expanduser()
-    return p if p.is_absolute() else Path(path_output) / p
-
-
-def map_txt(results: dict[str, Any], queries: list[str]) -> str:
-    """map.txt content: one AP per line in queries.txt order."""
-    pq = results["per_query"]
-    return "".join(("nan" if pq[q] is None else repr(float(pq[q]))) + "\n" for q in queries)
-
-
-def summary(results: dict[str, Any], folder: Path, out: Path) -> str:
-    m = results["map"]
-    line = (f"E: mAP {'n/a' if m is None else f'{m:.4f}'} over {results['n_queries']} "
-            f"queries ({folder.name})")
-    if results.get("protocol") == "revisited":
-        parts = []
-        for k in ("easy", "medium", "hard"):
-            v = results[k]["map"]
-            parts.append(f"{k[0].upper()} {'n/a' if v is None else f'{v:.4f}'}")
-        line += " [" + " ".join(parts) + "]"
-    elif results.get("level") == "shot":
-        line += " [shot level]"
-    return f"{line} -> {out}"
-
-
-def evaluate_folder(settings: Any, folder: Path) -> tuple[dict[str, Any], Any, Any]:
-    """(results, ground truth, rankings) of one ranking folder."""
-    from lib.evaluation.metrics import evaluate
-    from lib.groundtruth.loader import load_ground_truth
-    from lib.search.rankings import read_ranking_folder
-
-    gt = load_ground_truth(settings)
-    if not folder.is_dir():
-        raise UserError(f"{folder}: ranking folder not found (run step D, or pass --ranking)")
-    rankings = read_ranking_folder(folder, gt.db_ids)
-    results = evaluate(gt, rankings)
-    results["ranking"] = folder.name
-    results["settings"] = rankings.meta.get("settings")
-    results["ground_truth"] = {"gt_format": settings["gt_format"],
-                               "path_gt": str(settings["path_gt"])}
-    return results, gt, rankings
+from lib.cli import make_parser, run_step
 
 
 def main() -> None:
@@ -86,35 +19,13 @@ def main() -> None:
                    help="ranking folder to evaluate (default <path_output>/bow; a relative "
                         "name is taken inside path_output, e.g. pooling_sum)")
     args = p.parse_args()
-    setup_logging(args.verbose, args.quiet)
 
-    def body() -> int:
-        s = load_from_args(args)
-        folder = ranking_dir(Path(s.path_output), args.ranking)
-        if not folder.is_dir():  # checked before the lock, which creates path_output
-            raise UserError(f"{folder}: ranking folder not found (run step D, or pass "
-                            "--ranking)")
-        with output_lock(Path(s.path_output), "E"):
-            results, gt, rankings = evaluate_folder(s, folder)
-            write_text_atomic(folder / "map.txt", map_txt(results, rankings.queries))
-            write_json_atomic(folder / "results.json", results)
-            if s.report:
-                try:
-                    from lib.evaluation.report import write_report
-                except ModuleNotFoundError as e:
-                    if e.name != "lib.evaluation.report":
-                        raise
-                    log.warning("lib.evaluation.report is not available; no HTML report written")
-                else:
-                    page = write_report(folder, gt, s, results, rankings)
-                    log.info("report: %s", page)
-        m = results["map"]
-        if m is not None and not math.isfinite(m):
-            log.warning("mAP is not finite")
-        print(summary(results, folder, folder / "map.txt"))
-        return 0
+    def call(settings):
+        from lib.evaluation.step import evaluate_run
 
-    run_main(body, "E")
+        return evaluate_run(settings, ranking=args.ranking)
+
+    run_step(args, "E", call)
 
 
 if __name__ == "__main__":

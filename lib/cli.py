@@ -3,7 +3,9 @@
 Each script builds its parser with :func:`make_parser`, loads settings with
 :func:`load_from_args`, and runs its body inside :func:`run_main`, which turns the
 errors a user can cause into one line on stderr and a non-zero exit code, and Ctrl-C
-into exit code 130 with a note that the step can be resumed.
+into exit code 130 with a note that the step can be resumed. :func:`run_step` does all
+three for a step whose library entry point returns a :class:`lib.pipeline.StepResult`:
+the script then only parses its arguments and names the function.
 """
 
 from __future__ import annotations
@@ -13,8 +15,13 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lib.errors import UserError
+
+if TYPE_CHECKING:
+    from lib.pipeline import StepResult
+    from lib.settings import Settings
 
 log = logging.getLogger("blcf")
 
@@ -50,6 +57,21 @@ def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
+def step_arguments(args: argparse.Namespace) -> list[str]:
+    """The shared options of :func:`make_parser` as given (``--set``, ``--data-root``,
+    ``--runs-root``, ``--quiet``), for a step started as its own process by run_all."""
+    out: list[str] = []
+    for o in args.overrides:
+        out += ["--set", o]
+    if args.data_root:
+        out += ["--data-root", str(args.data_root)]
+    if args.runs_root:
+        out += ["--runs-root", str(args.runs_root)]
+    if args.quiet:
+        out.append("--quiet")
+    return out
+
+
 def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -83,3 +105,19 @@ def run_main(body: Callable[[], int | None], step: str) -> None:
               "rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def run_step(args: argparse.Namespace, step: str,
+             call: Callable[[Settings], StepResult]) -> None:
+    """A step script's body once its arguments are parsed: logging as asked, then inside
+    :func:`run_main`: load the settings, call the step's library entry point, print its
+    summary (one line; C streaming prints two). Exits."""
+    setup_logging(args.verbose, args.quiet)
+
+    def body() -> int:
+        result = call(load_from_args(args))
+        if result.summary:
+            print(result.summary)
+        return 0
+
+    run_main(body, step)

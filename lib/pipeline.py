@@ -1,10 +1,29 @@
-"""Running the five steps in order, skipping those whose output is up to date.
+"""Running the five steps in order, skipping those whose output is up to date, and the
+record every step's library entry point returns (:class:`StepResult`).
+
+One entry point per step, each taking the validated :class:`lib.settings.Settings`:
+A :func:`lib.features.step.extract_features`, B :func:`lib.vocabulary.step.train_models`,
+C :func:`lib.index.step.build_index`, D :func:`lib.search.step.rank_bow` (and the pooling
+baseline :func:`lib.search.step.rank_pooling`), E :func:`lib.evaluation.step.evaluate_run`,
+T :func:`lib.learned.step.fine_tune`. The scripts in ``bow_pipeline/`` only parse their
+arguments and call one of them through :func:`lib.cli.run_step`.
 
 Why a stamp file: each step is resumable on its own (A and C skip stored images), but B
 (k-means) and D (every query through the network) redo their work when called again.
 ``<path_output>/run_state.json`` records, per step, the settings hash of every key that
 affects it (``Settings.step_hash``) when it last finished. A step is up to date when that
 hash is unchanged, its outputs exist, and no earlier step ran in this invocation.
+
+Why :func:`run_all` starts each step as its own process (the step's script, exactly the
+command a user would type) instead of calling the entry points in one process:
+
+* a step that dies from a signal (SIGBUS on a damaged or truncated memory-mapped store,
+  the OOM killer's SIGKILL) would take ``run_all`` down with it and nothing would say
+  which step it was; as a child, its death is an exit status that ``run_all`` reports
+  with the step named, and ``run_state.json`` still holds every step finished before;
+* each step's memory (B's k-means sample, torch and its caching allocator, the FAISS and
+  OpenMP thread pools, memory the allocator keeps: :mod:`lib.allocator`) is returned to
+  the system when its process ends, before the next step starts, instead of adding up.
 """
 
 from __future__ import annotations
@@ -29,13 +48,15 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class StepResult:
     """What one step did: every step's library entry point returns one, its script prints
-    ``summary``, and ``run_all`` and the tests read the rest."""
+    ``summary``, and callers (the tests, notebooks) read the rest."""
 
-    step: str  # "A".."E", "T", or "D-pooling"
-    summary: str  # the one line the script prints
+    step: str  # "A".."E", "T", "D-pooling", or "run_all"
+    summary: str  # what the script prints: one line (two for C when streaming)
     outputs: tuple[Path, ...] = ()  # what it wrote (folders or files)
     counts: dict[str, Any] = field(default_factory=dict)  # images, features, queries, ...
     seconds: float = 0.0
+
+
 SCRIPTS = Path(__file__).resolve().parent.parent / "bow_pipeline"
 
 
@@ -86,21 +107,28 @@ def up_to_date(step: Step, s: Settings, state: dict) -> bool:
         p.exists() for p in step.outputs(s))
 
 
-def run_all(s: Settings, passthrough: Sequence[str], force: Sequence[str] = (),
-            only: Sequence[str] | None = None) -> dict:
-    """Run A..E as subprocesses (exactly the commands a user would type). Returns the
-    parsed results.json of step E."""
+def run_all(s: Settings, arguments: Sequence[str] = (), force: Sequence[str] = (),
+            only: Sequence[str] | None = None) -> StepResult:
+    """Run A..E, each as its own process (see the module docstring for why), with
+    ``arguments`` (the shared command-line options, :func:`lib.cli.step_arguments`) after
+    the settings file. A failed step raises UserError naming it (its exit code kept for
+    2, 3 and 130). ``counts``: the steps run and skipped, and step E's parsed
+    results.json (empty when there is none); the summary is the final mAP line."""
+    t_start = time.perf_counter()
     state = load_state(s)
     earlier_ran = False
+    ran: list[str] = []
+    skipped: list[str] = []
     for i, step in enumerate(STEPS, 1):
         if only and step.key not in only:
             continue
         if not earlier_ran and step.key not in force and up_to_date(step, s, state):
             print(f"[{i}/5] {step.key} {step.title}: up to date, skipped", flush=True)
+            skipped.append(step.key)
             continue
         print(f"[{i}/5] {step.key} {step.title}: running", flush=True)
         t0 = time.perf_counter()
-        cmd = [sys.executable, str(SCRIPTS / step.script), str(s.source), *passthrough]
+        cmd = [sys.executable, str(SCRIPTS / step.script), str(s.source), *arguments]
         rc = subprocess.call(cmd)
         if rc != 0:
             raise UserError(f"step {step.key} ({step.script}) failed with exit code {rc}",
@@ -111,5 +139,12 @@ def run_all(s: Settings, passthrough: Sequence[str], force: Sequence[str] = (),
         write_json_atomic(state_path(s), state)
         print(f"[{i}/5] {step.key} {step.title}: done in {dt:.1f} s", flush=True)
         earlier_ran = True
-    res = Path(s.path_output) / "bow" / "results.json"
-    return json.loads(res.read_text()) if res.exists() else {}
+        ran.append(step.key)
+    bow = Path(s.path_output) / "bow"
+    res_path = bow / "results.json"
+    res = json.loads(res_path.read_text()) if res_path.exists() else {}
+    summary = (f"{s.dataset}: mAP {res['map']:.4f} over {res['n_queries']} queries; "
+               f"results in {bow}") if res else ""
+    return StepResult("run_all", summary, (bow,), {"ran": ran, "skipped": skipped,
+                                                   "results": res},
+                      time.perf_counter() - t_start)

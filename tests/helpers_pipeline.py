@@ -1,33 +1,40 @@
-"""Shared helpers for tests that run the pipeline scripts on tiny generated data.
+"""Shared helpers for tests that run the pipeline steps on tiny generated data.
 
 Why a module (not a conftest fixture): the reliability, bad-input and determinism tests
 all need the same three things — a tiny dataset with a settings file, a way to run a step
-exactly as a user types it, and a way to compare stores by content — and other test files
-may import them. Everything is generated under the caller's ``tmp_path``; nothing here
-reads ``../shared``. Sizes are tiny (64x48 .. 120x90 images, random Lite0 weights, input
-64x48, K = 8) so a whole A -> E run takes seconds of compute.
+(its library entry point on settings loaded as the command line loads them) and a way to
+compare stores by content — and other test files may import them. Everything is generated
+under the caller's ``tmp_path``; nothing here reads ``../shared``. Sizes are tiny (64x48 ..
+120x90 images, random Lite0 weights, input 64x48, K = 8) so a whole A -> E run takes
+seconds of compute. Only the command-line tests (test_cli_errors.py) start the scripts.
 """
 
 from __future__ import annotations
 
+import gc
+import importlib
 import json
 import os
-import runpy
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lmdb
 import numpy as np
 from PIL import Image
 
+if TYPE_CHECKING:
+    from lib.errors import UserError
+    from lib.pipeline import StepResult
+
 REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = REPO / "bow_pipeline"
-STEP_SCRIPTS = {
-    "A": "A_feature_extraction.py", "B": "B_processing_clustering.py",
-    "C": "C_bow_representation.py", "D": "D_rankings_BoW.py", "E": "E_evaluate.py",
+# step -> (module, function) of its library entry point (D: the BoW rankings)
+STEP_FUNCTIONS = {
+    "A": ("lib.features.step", "extract_features"), "B": ("lib.vocabulary.step", "train_models"),
+    "C": ("lib.index.step", "build_index"), "D": ("lib.search.step", "rank_bow"),
+    "E": ("lib.evaluation.step", "evaluate_run"),
 }
 # (id, width, height): landscape, portrait and square images
 DB_SIZES = [("img_00", 64, 48), ("img_01", 48, 64), ("img_02", 80, 60), ("img_03", 60, 80),
@@ -95,75 +102,70 @@ def env() -> dict[str, str]:
     return e
 
 
-def step_cmd(step: str, settings: Path, *extra: str) -> list[str]:
-    script = STEP_SCRIPTS.get(step, step)
-    return [sys.executable, str(SCRIPTS / script), str(settings), "-q", *extra]
+def load(settings: Path, *overrides: str):
+    """Settings as the command line loads them (``overrides``: ``--set`` KEY=VALUE items)."""
+    from lib.settings import load_settings
+
+    return load_settings(settings, overrides=list(overrides))
 
 
-def run_step(step: str, settings: Path, *extra: str, timeout: float = 300
-             ) -> subprocess.CompletedProcess:
-    """Run one step as a user would (``python bow_pipeline/<script> settings -q``)."""
-    return subprocess.run(step_cmd(step, settings, *extra), capture_output=True, text=True,
-                          timeout=timeout, env=env(), cwd=REPO)
+def step_function(step: str) -> Callable[..., Any]:
+    module, name = STEP_FUNCTIONS[step]
+    return getattr(importlib.import_module(module), name)
 
 
-def run_inproc(step: str, settings: Path, *extra: str) -> tuple[int, str, str]:
-    """Run one step script in this process (``runpy`` as ``__main__``) and return
-    (exit code, stdout, stderr). Same code path as the command line, minus the cost of a
-    fresh interpreter importing torch (seconds on a loaded 2-core box)."""
-    import contextlib
-    import gc
-    import io
+def call_step(step: str, settings: Path, *overrides: str, **kwargs: Any) -> StepResult:
+    """Load ``settings`` (with ``--set``-style ``overrides``) and run one step's entry point
+    in this process; ``kwargs`` go to the entry point (E: ``ranking``). Torch runs one
+    intra-op thread here, as in the child processes (:func:`env`), so that outputs of
+    both compare bit for bit whichever test files run."""
+    import torch
 
-    script = STEP_SCRIPTS.get(step, step)
-    argv = sys.argv
-    out, err = io.StringIO(), io.StringIO()
-    sys.argv = [str(SCRIPTS / script), str(settings), "-q", *extra]
-    code = 0
+    torch.set_num_threads(1)
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            runpy.run_path(str(SCRIPTS / script), run_name="__main__")
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except Exception:  # what the interpreter does with an uncaught exception
-        import traceback
-
-        err.write(traceback.format_exc())
-        code = 1
+        return step_function(step)(load(settings, *overrides), **kwargs)
     finally:
-        sys.argv = argv
         # a CLI process exits here, closing every LMDB environment; in-process, collect
-        # the script's objects so a store left open cannot block the next open of it
+        # the step's objects so a store left open cannot block the next open of it
         gc.collect()
-    return code, out.getvalue(), err.getvalue()
 
 
-def run_pipeline(settings: Path, steps: str = "ABCDE", inproc: bool = True) -> None:
-    """Run the given steps in order; fail the test with stderr when one fails."""
+def refusal(step: str, settings: Path, *overrides: str, **kwargs: Any) -> UserError:
+    """Run a step (settings loading included) that must refuse: its UserError, the error
+    the command line prints as one ``error: ...`` line (any other exception, a stack
+    trace on the command line, propagates and fails the test)."""
+    from lib.errors import UserError
+
+    try:
+        call_step(step, settings, *overrides, **kwargs)
+    except UserError as e:
+        e.__traceback__ = None  # frames would keep the step's stores open
+        gc.collect()
+        return e
+    raise AssertionError(f"step {step} did not refuse")
+
+
+def run_pipeline(settings: Path, steps: str = "ABCDE") -> None:
+    """Run the given steps in order in this process; a refusal fails the test with its
+    message."""
+    from lib.errors import UserError
+
     for st in steps:
-        if inproc:
-            code, _, err = run_inproc(st, settings)
-        else:
-            p = run_step(st, settings)
-            code, err = p.returncode, p.stderr
-        assert code == 0, f"step {st} failed ({code}):\n{err[-3000:]}"
+        try:
+            call_step(st, settings)
+        except UserError as e:
+            raise AssertionError(f"step {st} refused: {e}") from None
 
 
-def error_lines(stderr: str) -> list[str]:
-    """The ``error: ...`` lines of a step's stderr (progress bars and warnings aside)."""
-    return [ln for ln in stderr.splitlines() if ln.startswith("error: ")]
-
-
-def assert_one_error(code: int, stderr: str, *needles: str, exit_code: int = 2) -> str:
-    """One clear line naming the culprit, the expected exit code, no stack trace."""
-    assert "Traceback" not in stderr, stderr[-3000:]
-    assert code == exit_code, f"exit code {code}, expected {exit_code}:\n{stderr[-3000:]}"
-    lines = error_lines(stderr)
-    assert len(lines) == 1, stderr[-3000:]
-    assert "\n" not in lines[0]
+def assert_one_error(err: UserError, *needles: str, exit_code: int = 2) -> str:
+    """One clear line naming the culprit and the expected exit code (what the command line
+    prints as ``error: <line>``, without a stack trace); returns the line."""
+    line = str(err)
+    assert err.exit_code == exit_code, f"exit code {err.exit_code}, expected {exit_code}: {line}"
+    assert line.strip() and "\n" not in line, line
     for n in needles:
-        assert n in lines[0], f"{n!r} not in {lines[0]!r}"
-    return lines[0]
+        assert n in line, f"{n!r} not in {line!r}"
+    return line
 
 
 def dump_lmdb(path: Path) -> tuple[dict[bytes, bytes], dict[str, Any]]:
@@ -213,16 +215,19 @@ def tree(folder: Path) -> list[str]:
 
 # --------------------------------------------------------------------------- fault injection
 
-# Run as ``python -c FAULT_RUNNER <script> <settings> ...``. It wraps the write primitives
+# Run as ``python -c FAULT_RUNNER <step> <settings> [KEY=VALUE ...]``. It wraps the write primitives
 # every step uses (LMDB transactions of both stores, atomic file/folder writes) so that
 # each call is a numbered *event* with a phase: ``before`` (nothing written yet),
 # ``inside`` (an atomic write's temporary is complete but not renamed) and ``after``.
 # BLCF_FI_LOG: append every event to this file (a dry run lists the points);
 # BLCF_FI_AT=n (or "<part of an event name>@k", its k-th occurrence) + BLCF_FI_SIG=
 # KILL|INT|STOP: deliver that signal to itself at that event.
-# Then it runs the real script as ``__main__``: the step under test is unchanged.
+# Then it runs the step's library entry point inside lib.cli.run_main, as its script does
+# (:func:`cli_call`): the step under test is unchanged, a refusal is one ``error:`` line
+# and its exit code, Ctrl-C exit code 130 and the "interrupted" note. The hooks go in
+# before any step module is imported (some import ``atomic_path`` by name).
 FAULT_RUNNER = r'''
-import contextlib, os, runpy, signal, sys
+import contextlib, os, signal, sys
 _log = os.environ.get("BLCF_FI_LOG")
 _at = os.environ.get("BLCF_FI_AT", "-1")
 _sig = {"KILL": signal.SIGKILL, "INT": signal.SIGINT,
@@ -267,30 +272,43 @@ def atomic_path(path):
         event(f"atomic {name}:inside")
     event(f"atomic {name}:after")
 art.atomic_path = atomic_path
-script = sys.argv[1]
-sys.argv = sys.argv[1:]
-runpy.run_path(script, run_name="__main__")
+from tests.helpers_pipeline import cli_call
+cli_call(sys.argv[1], sys.argv[2], sys.argv[3:])
 '''
 
 
+def cli_call(step: str, settings: str, overrides: Sequence[str] = ()) -> None:
+    """One step's entry point inside :func:`lib.cli.run_main` with quiet logging, as its
+    script runs it (for a child process: exits)."""
+    from lib.cli import run_main, setup_logging
+
+    setup_logging(quiet=True)
+
+    def body() -> int:
+        call_step(step, Path(settings), *overrides)
+        return 0
+
+    run_main(body, step)
+
+
 def fault_cmd(step: str, settings: Path, log: Path | None = None, at: int | str = -1,
-              sig: str = "KILL", extra: Sequence[str] = ()) -> tuple[list[str], dict[str, str]]:
-    """Command line and environment of a step under :data:`FAULT_RUNNER`."""
+              sig: str = "KILL", overrides: Sequence[str] = ()
+              ) -> tuple[list[str], dict[str, str]]:
+    """Command line and environment of a step under :data:`FAULT_RUNNER` (``overrides``:
+    ``--set``-style KEY=VALUE items)."""
     e = env()
-    e["BLCF_REPO"] = str(REPO)
     e["BLCF_FI_AT"] = str(at)
     e["BLCF_FI_SIG"] = sig
     if log is not None:
         e["BLCF_FI_LOG"] = str(log)
-    script = str(SCRIPTS / STEP_SCRIPTS.get(step, step))
-    return [sys.executable, "-c", FAULT_RUNNER, script, str(settings), "-q", *extra], e
+    return [sys.executable, "-c", FAULT_RUNNER, step, str(settings), *overrides], e
 
 
 def run_with_fault(step: str, settings: Path, log: Path | None = None, at: int | str = -1,
-                   sig: str = "KILL", extra: Sequence[str] = (), timeout: float = 300
+                   sig: str = "KILL", overrides: Sequence[str] = (), timeout: float = 300
                    ) -> subprocess.CompletedProcess:
     """Run a step under :data:`FAULT_RUNNER` (see there) and wait for it."""
-    cmd, e = fault_cmd(step, settings, log, at, sig, extra)
+    cmd, e = fault_cmd(step, settings, log, at, sig, overrides)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=e,
                           cwd=REPO)
 
@@ -345,26 +363,19 @@ def litter(run: Path) -> list[str]:
 
 
 # Run several steps in ONE fresh interpreter (a new process: fresh RNG, thread pools and
-# caches), each exactly as its command line would, stopping at the first failure.
+# caches), each through its entry point as :func:`run_pipeline` runs it here, stopping at
+# the first failure (an AssertionError naming the step: exit code 1).
 _SEQUENCE_RUNNER = r'''
-import os, runpy, sys
-settings, scripts = sys.argv[1], sys.argv[2:]
-for script in scripts:
-    sys.argv = [script, settings, "-q"]
-    try:
-        runpy.run_path(script, run_name="__main__")
-    except SystemExit as e:
-        if e.code not in (0, None):
-            print(f"{os.path.basename(script)} exited {e.code}", file=sys.stderr)
-            sys.exit(e.code)
+import sys
+from tests.helpers_pipeline import run_pipeline
+run_pipeline(sys.argv[1], sys.argv[2])
 '''
 
 
 def run_pipeline_fresh(settings: Path, steps: str = "ABCDE", timeout: float = 600
                        ) -> subprocess.CompletedProcess:
-    """Run ``steps`` in order in one new Python process (see :data:`_SEQUENCE_RUNNER`)."""
-    e = env()
-    e["BLCF_REPO"] = str(REPO)
-    scripts = [str(SCRIPTS / STEP_SCRIPTS[st]) for st in steps]
-    return subprocess.run([sys.executable, "-c", _SEQUENCE_RUNNER, str(settings), *scripts],
-                          capture_output=True, text=True, timeout=timeout, env=e, cwd=REPO)
+    """Run ``steps`` in order in one new Python process (see :data:`_SEQUENCE_RUNNER`;
+    ``tests.helpers_pipeline`` imports from the repository root, its working folder)."""
+    return subprocess.run([sys.executable, "-c", _SEQUENCE_RUNNER, str(settings), steps],
+                          capture_output=True, text=True, timeout=timeout, env=env(),
+                          cwd=REPO)

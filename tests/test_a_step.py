@@ -1,12 +1,10 @@
 """Step A end to end on generated images: orientation, corrupt files, exact resume after
-an interruption, refusal of a mismatching store, the CLI (lib/features/extraction.py,
-bow_pipeline/A_feature_extraction.py). Random Lite0 weights at a tiny input size."""
+an interruption, refusal of a mismatching store, the step's entry point
+(lib/features/extraction.py, lib/features/step.py). Random Lite0 weights at a tiny input size."""
 
 from __future__ import annotations
 
 import json
-import runpy
-import sys
 from pathlib import Path
 
 import lmdb
@@ -18,8 +16,6 @@ from lib.errors import ArtefactMismatchError
 from lib.features.extraction import Extractor, run_extraction
 from lib.features.feature_store import FeatureStore, corrupted_path
 from lib.settings import load_settings
-
-REPO = Path(__file__).resolve().parent.parent
 
 # (id, width, height); squares are landscape
 SIZES = [("p/0", 40, 60), ("l/1", 70, 50), ("sq", 50, 50), ("p/3", 30, 45), ("l/4", 90, 40),
@@ -119,23 +115,19 @@ def test_mismatching_store_is_refused(tmp_path):
         run_extraction(s.replace(feature_dtype="float32"), ids, path)
 
 
-def _cli(monkeypatch, capsys, *argv: str) -> tuple[int, str, str]:
-    """Run the step script in-process (saves a torch import per call)."""
-    script = REPO / "bow_pipeline" / "A_feature_extraction.py"
-    monkeypatch.setattr(sys, "argv", [str(script), *argv])
-    with pytest.raises(SystemExit) as e:
-        runpy.run_path(str(script), run_name="__main__")
-    out = capsys.readouterr()
-    return int(e.value.code or 0), out.out, out.err
+def test_step_runs_with_a_worker_and_refuses_a_mismatch(tmp_path):
+    """Step A's entry point (lib/features/step.py) with a decoding worker: summary line,
+    store; a mismatching store is refused (exit code 2) and the lock released."""
+    from lib.features.step import extract_features
 
-
-def test_cli_runs_with_a_worker_and_refuses_a_mismatch(tmp_path, monkeypatch, capsys):
-    cfg = str(_dataset(tmp_path, layers=["s6_expand"], num_workers=1, batch_size=3))
-    code, out, err = _cli(monkeypatch, capsys, cfg, "-q")
-    assert code == 0, err
-    assert "A: 7 extracted, 0 already stored, 2 corrupt" in out
+    cfg = _dataset(tmp_path, layers=["s6_expand"], num_workers=1, batch_size=3)
+    res = extract_features(load_settings(cfg))
+    assert "A: 7 extracted, 0 already stored, 2 corrupt" in res.summary
+    assert (res.step, res.counts["extracted"], res.counts["corrupt"]) == ("A", 7, 2)
     store = tmp_path / "run" / "features" / "efficientnet_lite0-random-s6_expand-48x32-fixed.lmdb"
+    assert res.outputs == (store,)
     assert len(FeatureStore(store)) == 7
-    code, out, err = _cli(monkeypatch, capsys, cfg, "-q", "--set", "antialias=true")
-    assert code == 2 and "field 'antialias'" in err and "Traceback" not in err
+    with pytest.raises(ArtefactMismatchError, match="field 'antialias'") as e:
+        extract_features(load_settings(cfg, ["antialias=true"]))
+    assert e.value.exit_code == 2 and "\n" not in str(e.value)
     assert (tmp_path / "run" / ".lock").exists() is False

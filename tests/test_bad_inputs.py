@@ -6,8 +6,9 @@ partial output. Corrupt images are not refusals: step A skips them, lists them i
 ``<store>.corrupted.txt`` and stores nothing for them; odd but valid images (CMYK, 16-bit,
 palette transparency, 1x1) are decoded to the same pixels as an 8-bit RGB twin.
 
-The step scripts run in-process (``runpy`` as ``__main__``: the command-line code path,
-without a fresh interpreter importing torch per case) on tiny generated data.
+The steps run in-process through their library entry points, on settings loaded as the
+command line loads them, on tiny generated data: a refusal is the UserError the command
+line prints as that one line (test_cli_errors.py checks the printing itself).
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from PIL import Image
 from tests.helpers_pipeline import (
     DB_SIZES,
     assert_one_error,
+    call_step,
     dump_lmdb,
     make_dataset,
-    run_inproc,
+    refusal,
     run_pipeline,
     settings_dict,
     textured,
@@ -87,9 +89,9 @@ TWINS = ("cmyk", "grey16", "palette_transparent")
 
 
 @pytest.fixture(scope="module")
-def odd_images_run(tmp_path_factory) -> tuple[Path, dict[str, str], str, str]:
+def odd_images_run(tmp_path_factory) -> tuple[Path, dict[str, str], str]:
     """One step-A run over a database holding every catalogue image (and an id whose
-    file is missing): (store path, corrupted.txt as id -> reason, stdout, stderr)."""
+    file is missing): (store path, corrupted.txt as id -> reason, the step's summary line)."""
     root = tmp_path_factory.mktemp("odd")
     make_dataset(root, db_sizes=DB_SIZES[:2])
     rng = np.random.default_rng(5)
@@ -99,20 +101,19 @@ def odd_images_run(tmp_path_factory) -> tuple[Path, dict[str, str], str, str]:
     gt["imlist"] = ids
     gt["gnd"] = [{"bbx": g["bbx"], "ok": [0], "junk": []} for g in gt["gnd"]]
     write_json(root / "gt.json", gt)
-    code, out, err = run_inproc("A", root / "settings.json")
-    assert code == 0, err
+    out = call_step("A", root / "settings.json").summary
     store = next((root / "run" / "features").glob("*.lmdb"))
     listed = {}
     for line in store.with_name(store.name[:-5] + ".corrupted.txt").read_text().splitlines():
         i, _, r = line.partition("\t")
         listed[i] = r
     assert set(listed) == set(CORRUPT), listed
-    return store, {k: f"{v}|{listed[k]}" for k, v in reasons.items()}, out, err
+    return store, {k: f"{v}|{listed[k]}" for k, v in reasons.items()}, out
 
 
 @pytest.mark.parametrize("image_id", CORRUPT)
 def test_corrupt_image_is_skipped_and_listed(odd_images_run, image_id):
-    store, expect, out, _ = odd_images_run
+    store, expect, out = odd_images_run
     keyword, reason = expect[image_id].split("|", 1)
     assert keyword in reason, reason
     assert "\n" not in reason and reason.strip()
@@ -124,7 +125,7 @@ def test_corrupt_image_is_skipped_and_listed(odd_images_run, image_id):
 
 @pytest.mark.parametrize("image_id", TWINS)
 def test_odd_but_valid_image_decodes_like_its_rgb_twin(odd_images_run, image_id):
-    store, _, _, _ = odd_images_run
+    store, _, _ = odd_images_run
     recs, _ = dump_lmdb(store)
     a, b = recs[image_id.encode()], recs[f"{image_id}_twin".encode()]
     assert a == b  # same header (original size) and the same maps, bit for bit
@@ -133,7 +134,7 @@ def test_odd_but_valid_image_decodes_like_its_rgb_twin(odd_images_run, image_id)
 def test_one_pixel_image_is_extracted(odd_images_run):
     from lib.features.feature_store import FeatureStore
 
-    store, _, _, _ = odd_images_run
+    store, _, _ = odd_images_run
     with FeatureStore(store) as st:
         maps, size = st.get("one_pixel")
         ref = st.get("jpeg_ok")[0]["s6_expand"]  # a 64x48 landscape image
@@ -175,16 +176,14 @@ SETTINGS_CASES = {
 @pytest.mark.parametrize("case", sorted(SETTINGS_CASES))
 def test_bad_settings(ds, case):
     changes, drop, needles = SETTINGS_CASES[case]
-    code, _, err = run_inproc("A", _with(ds, drop, **changes))
-    assert_one_error(code, err, *needles)
+    assert_one_error(refusal("A", _with(ds, drop, **changes)), *needles)
     assert tree(ds.parent / "run") == []
 
 
 def test_n_centers_larger_than_the_samples(ds):
     run_pipeline(ds, "A")
     models = ds.parent / "run" / "models"
-    code, _, err = run_inproc("B", ds, "--set", "n_centers=5000")
-    assert_one_error(code, err, "n_centers", "5000")
+    assert_one_error(refusal("B", ds, "n_centers=5000"), "n_centers", "5000")
     assert tree(models) == [], "B left models behind after refusing"
 
 
@@ -215,8 +214,7 @@ def _gt_variant(s: Path, query: int, **gnd_changes) -> Path:
 
 def _d_refuses(s: Path, gt: Path, *needles: str) -> None:
     shutil.rmtree(s.parent / "run" / "bow")
-    code, _, err = run_inproc("D", s, "--set", f"path_gt={gt}")
-    assert_one_error(code, err, *needles)
+    assert_one_error(refusal("D", s, f"path_gt={gt}"), *needles)
     assert not (s.parent / "run" / "bow").exists()
 
 
@@ -251,8 +249,8 @@ def test_malformed_oxford_query_line(tmp_path):
     (gtd / "tower_1_query.txt").write_text("oxc1_img_00 12 x 40 30\n")
     for kind in ("good", "ok", "junk"):
         (gtd / f"tower_1_{kind}.txt").write_text("img_01\n")
-    code, _, err = run_inproc("A", _with(s, gt_format="oxford", path_gt="gt_files"))
-    assert_one_error(code, err, "tower_1_query.txt", "line 1")
+    assert_one_error(refusal("A", _with(s, gt_format="oxford", path_gt="gt_files")),
+                     "tower_1_query.txt", "line 1")
     assert tree(tmp_path / "run") == []
 
 
@@ -260,8 +258,7 @@ def test_empty_positive_set_is_left_out_of_the_mean(built, tmp_path):
     """Not an error: AP is undefined (nan in map.txt) and the mean skips the query."""
     s = _copy(built, tmp_path / "r")
     gt = _gt_variant(s, 1, ok=[], junk=[])
-    code, _, err = run_inproc("E", s, "--set", f"path_gt={gt}")
-    assert code == 0, err
+    call_step("E", s, f"path_gt={gt}")
     lines = (s.parent / "run" / "bow" / "map.txt").read_text().split()
     assert len(lines) == 2 and lines[1] == "nan" and float(lines[0]) >= 0
     res = json.loads((s.parent / "run" / "bow" / "results.json").read_text())
@@ -283,9 +280,9 @@ def _c_refuses(s: Path, extra_and_needles: tuple[tuple[str, ...], tuple[str, ...
     refuses with one line and writes neither assignments nor an index."""
     extra, needles = extra_and_needles
     out = s.parent / "run_new"
-    code, _, err = run_inproc("C", s, "--set", f"path_output={out}", "--set",
-                              f"path_features={s.parent / 'run' / 'features'}", *extra)
-    assert_one_error(code, err, *needles)
+    err = refusal("C", s, f"path_output={out}",
+                  f"path_features={s.parent / 'run' / 'features'}", *extra)
+    assert_one_error(err, *needles)
     assert tree(out) == [] or (not (out / "index").exists() and not (
         out / "assignments.lmdb").exists()), tree(out)
 
@@ -297,7 +294,7 @@ def test_models_from_another_network_setting(built, tmp_path, field, value):
     meta = json.loads((m / "codebook.json").read_text())
     meta["provenance"][field] = value
     write_json(m / "codebook.json", meta)
-    _c_refuses(s, (("--set", f"path_models={m}"), ("codebook", f"'{field}'")))
+    _c_refuses(s, ((f"path_models={m}",), ("codebook", f"'{field}'")))
 
 
 def test_truncated_npy(built, tmp_path):
@@ -305,13 +302,12 @@ def test_truncated_npy(built, tmp_path):
     m = _models_copy(s)
     data = (m / "codebook.npy").read_bytes()
     (m / "codebook.npy").write_bytes(data[: len(data) - 40])
-    _c_refuses(s, (("--set", f"path_models={m}"), ("codebook.npy",)))
+    _c_refuses(s, ((f"path_models={m}",), ("codebook.npy",)))
 
 
 def test_feature_store_written_by_other_settings(built, tmp_path):
     s = _copy(built, tmp_path / "r")
-    _c_refuses(s, (("--set", "antialias=true", "--set",
-                    f"path_models={s.parent / 'run' / 'models'}"),
+    _c_refuses(s, (("antialias=true", f"path_models={s.parent / 'run' / 'models'}"),
                    ("'antialias'",)))
 
 
@@ -320,8 +316,7 @@ def test_ranking_list_with_unknown_ids(built, tmp_path):
     bow = s.parent / "run" / "bow"
     f = bow / "lists" / "q_0.txt"
     f.write_text(f.read_text().replace("img_03", "ghost_image"))
-    code, _, err = run_inproc("E", s)
-    assert_one_error(code, err, "ghost_image")
+    assert_one_error(refusal("E", s), "ghost_image")
     assert not (bow / "map.txt").exists() and not (bow / "results.json").exists()
 
 
@@ -349,7 +344,7 @@ def test_malicious_ground_truth_pickle_is_refused(tmp_path):
             "gnd": [{"bbx": [1, 1, 20, 20], "easy": [0], "hard": [], "junk": [],
                      "x": _Payload(marker)}]}
     (tmp_path / "gnd_tiny.pkl").write_bytes(pickle.dumps(evil))
-    code, _, err = run_inproc("A", _with(s, gt_format="revisited", path_gt="gnd_tiny.pkl"))
-    assert_one_error(code, err, "gnd_tiny.pkl", "refused to load", "system")
+    assert_one_error(refusal("A", _with(s, gt_format="revisited", path_gt="gnd_tiny.pkl")),
+                     "gnd_tiny.pkl", "refused to load", "system")
     assert not marker.exists()
     assert tree(tmp_path / "run") == []

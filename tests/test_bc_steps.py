@@ -6,15 +6,13 @@ network / layer / input-size settings."""
 from __future__ import annotations
 
 import json
-import runpy
-import sys
 from pathlib import Path
 
 import lmdb
 import numpy as np
 import pytest
 
-from lib.errors import ArtefactMismatchError
+from lib.errors import ArtefactMismatchError, UserError
 from lib.features.extraction import store_meta
 from lib.features.feature_store import FeatureStore
 from lib.features.local_features import LocalFeatureReader, maps_to_features
@@ -27,7 +25,6 @@ from lib.settings import load_settings
 from lib.vocabulary.codebook import Codebook
 from lib.vocabulary.pca import PCAWhitening
 
-REPO = Path(__file__).resolve().parent.parent
 C_CH = 24  # channels of the synthetic maps (any C works; the reader does not care)
 DB = [f"img_{i:02d}" for i in range(10)]
 
@@ -57,27 +54,26 @@ def run_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def step(script: str, run_dir: Path, *extra: str, capsys=None) -> tuple[int, str]:
-    """Run a pipeline script in-process (as ``python script settings ...``)."""
-    argv = sys.argv
-    sys.argv = [script, str(run_dir / "s.json"), *extra]
+def step(name: str, run_dir: Path, *overrides: str) -> tuple[int, str]:
+    """Run step B or C's entry point on ``s.json`` with ``--set``-style ``overrides``:
+    (0, its summary) or, when it refuses, (the exit code, the one-line error)."""
+    from lib.index.step import build_index
+    from lib.vocabulary.step import train_models
+
+    fn = {"B": train_models, "C": build_index}[name]
     try:
-        runpy.run_path(str(REPO / "bow_pipeline" / script), run_name="__main__")
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    finally:
-        sys.argv = argv
-    out = capsys.readouterr() if capsys is not None else None
-    return code, (out.out + out.err) if out else ""
+        return 0, fn(load_settings(run_dir / "s.json", overrides=list(overrides))).summary
+    except UserError as e:
+        assert "\n" not in str(e)
+        return e.exit_code, str(e)
 
 
 def settings(run_dir: Path, **over):
     return load_settings(run_dir / "s.json", overrides=over)
 
 
-def test_b_then_c(run_dir, capsys):
-    code, out = step("B_processing_clustering.py", run_dir, capsys=capsys)
+def test_b_then_c(run_dir):
+    code, out = step("B", run_dir)
     assert code == 0, out
     s = settings(run_dir)
     p_cb = models_paths(s)[1]
@@ -90,12 +86,11 @@ def test_b_then_c(run_dir, capsys):
     assert meta["pca_hash"] == pca.content_hash()
 
     # the same settings into another models folder: the same codebook (seeded)
-    code, out = step("B_processing_clustering.py", run_dir, "--set",
-                     f"path_models={run_dir / 'models2'}", capsys=capsys)
+    code, out = step("B", run_dir, f"path_models={run_dir / 'models2'}")
     assert code == 0, out
     np.testing.assert_array_equal(np.load(run_dir / "models2" / "codebook.npy"), cb.centroids)
 
-    code, out = step("C_bow_representation.py", run_dir, capsys=capsys)
+    code, out = step("C", run_dir)
     assert code == 0, out
     assert "1 missing" in out  # img_missing has no features: warned about, left out
     store = FeatureStore(FeatureStore.path_for(s))
@@ -123,9 +118,9 @@ def test_b_then_c(run_dir, capsys):
     np.testing.assert_allclose(sc, expect, atol=2e-3)  # weights are quantised on disk
 
 
-def test_c_resumes_and_skips_stored_maps(run_dir, capsys):
-    assert step("B_processing_clustering.py", run_dir, capsys=capsys)[0] == 0
-    assert step("C_bow_representation.py", run_dir, capsys=capsys)[0] == 0
+def test_c_resumes_and_skips_stored_maps(run_dir):
+    assert step("B", run_dir)[0] == 0
+    assert step("C", run_dir)[0] == 0
     s = settings(run_dir)
     apath = AssignmentStore.path_for(s)
     with AssignmentStore(apath) as asg:
@@ -139,7 +134,7 @@ def test_c_resumes_and_skips_stored_maps(run_dir, capsys):
     # a stored map is never recomputed: mark one to prove it is skipped
     with AssignmentStore(apath, readonly=False) as asg:
         asg.put_many([("img_01", np.full((8, 6), 11, np.uint16), (40, 30))])
-    code, out = step("C_bow_representation.py", run_dir, capsys=capsys)
+    code, out = step("C", run_dir)
     assert code == 0, out
     assert "6 images assigned" in out
     with AssignmentStore(apath) as asg:
@@ -150,11 +145,9 @@ def test_c_resumes_and_skips_stored_maps(run_dir, capsys):
             assert asg.get(i)[1] == full[i][1]
 
 
-def test_approximate_assignment_mode(run_dir, capsys):
-    assert step("B_processing_clustering.py", run_dir, "--set", "kmeans=approximate",
-                capsys=capsys)[0] == 0
-    code, out = step("C_bow_representation.py", run_dir, "--set", "kmeans=approximate",
-                     "--set", "assignment=approximate", capsys=capsys)
+def test_approximate_assignment_mode(run_dir):
+    assert step("B", run_dir, "kmeans=approximate")[0] == 0
+    code, out = step("C", run_dir, "kmeans=approximate", "assignment=approximate")
     assert code == 0, out
     s = settings(run_dir)
     with AssignmentStore(AssignmentStore.path_for(s)) as asg:
@@ -164,50 +157,45 @@ def test_approximate_assignment_mode(run_dir, capsys):
     # a store made by the earlier HNSW search is refused in one line, not mixed with new maps
     with AssignmentStore(AssignmentStore.path_for(s), readonly=False) as asg:
         asg.set_meta({**asg.meta, "ef_search": 24})
-    code, out = step("C_bow_representation.py", run_dir, "--set", "kmeans=approximate",
-                     "--set", "assignment=approximate", capsys=capsys)
+    code, out = step("C", run_dir, "kmeans=approximate", "assignment=approximate")
     assert code == 2 and "older approximate search (HNSW)" in out
 
 
 @pytest.mark.parametrize("key,value,extra", [
     ("input_size", "[80,60]", ()), ("layers", '["conv5_2"]', ()),
     # another network needs its own layer names (an unknown layer is refused earlier)
-    ("network", "resnet50", ("--set", 'layers=["layer3"]')), ("pca_dim", "8", ()),
+    ("network", "resnet50", ('layers=["layer3"]',)), ("pca_dim", "8", ()),
     ("n_centers", "10", ())])
-def test_models_from_other_settings_are_refused(run_dir, capsys, key, value, extra):
-    assert step("B_processing_clustering.py", run_dir, capsys=capsys)[0] == 0
-    code, out = step("C_bow_representation.py", run_dir, "--set", f"{key}={value}", *extra,
-                     capsys=capsys)
+def test_models_from_other_settings_are_refused(run_dir, key, value, extra):
+    assert step("B", run_dir)[0] == 0
+    code, out = step("C", run_dir, f"{key}={value}", *extra)
     assert code == 2
     assert f"field '{key}'" in out and "step B" in out and "Traceback" not in out
     with pytest.raises(ArtefactMismatchError, match=f"field '{key}'"):
         changes = {key: json.loads(value) if value[0] in "[0123456789" else value}
         if extra:
-            changes["layers"] = json.loads(extra[1].split("=", 1)[1])
+            changes["layers"] = json.loads(extra[0].split("=", 1)[1])
         load_models(settings(run_dir, **changes))
 
 
-def test_reuse_checks_and_refuses(run_dir, capsys):
-    assert step("B_processing_clustering.py", run_dir, capsys=capsys)[0] == 0
+def test_reuse_checks_and_refuses(run_dir):
+    assert step("B", run_dir)[0] == 0
     s = settings(run_dir)
     before = models_paths(s)[1].stat().st_mtime_ns
-    code, out = step("B_processing_clustering.py", run_dir, "--set", "TRAIN_PCA=false",
-                     "--set", "TRAIN_CENTROIDS=false", capsys=capsys)
+    code, out = step("B", run_dir, "TRAIN_PCA=false", "TRAIN_CENTROIDS=false")
     assert code == 0 and "nothing to train" in out
     assert models_paths(s)[1].stat().st_mtime_ns == before
     # reusing a codebook while asking for another vocabulary size is refused
-    code, out = step("B_processing_clustering.py", run_dir, "--set", "TRAIN_CENTROIDS=false",
-                     "--set", "n_centers=10", capsys=capsys)
+    code, out = step("B", run_dir, "TRAIN_CENTROIDS=false", "n_centers=10")
     assert code == 2 and "field 'n_centers'" in out
     # a freshly refitted PCA on another sample gives a different space: the old
     # codebook no longer fits it
-    code, out = step("B_processing_clustering.py", run_dir, "--set", "TRAIN_CENTROIDS=false",
-                     "--set", "max_train_images=5", capsys=capsys)
+    code, out = step("B", run_dir, "TRAIN_CENTROIDS=false", "max_train_images=5")
     assert code == 2 and "pca_hash" in out
 
 
-def test_pca_and_codebook_files_load_standalone(run_dir, capsys):
-    assert step("B_processing_clustering.py", run_dir, capsys=capsys)[0] == 0
+def test_pca_and_codebook_files_load_standalone(run_dir):
+    assert step("B", run_dir)[0] == 0
     s = settings(run_dir)
     p_pca, p_cb = models_paths(s)
     pca = PCAWhitening.load(p_pca)
@@ -216,9 +204,8 @@ def test_pca_and_codebook_files_load_standalone(run_dir, capsys):
     assert cb.meta["kmeans"] == "exact" and np.isfinite(cb.meta["kmeans_objective"])
 
 
-def test_b_samples_per_image_when_features_do_not_fit(run_dir, capsys):
-    code, out = step("B_processing_clustering.py", run_dir, "--set", "n_samples=50",
-                     "--set", "max_train_images=7", capsys=capsys)
+def test_b_samples_per_image_when_features_do_not_fit(run_dir):
+    code, out = step("B", run_dir, "n_samples=50", "max_train_images=7")
     assert code == 0, out
     meta = PCAWhitening.load(models_paths(settings(run_dir))[0]).meta
     # 7 seeded images x ceil(50 / 7) = 8 features each = 56, trimmed to 50

@@ -1,14 +1,20 @@
-"""What a user sees when they get the settings wrong: one line, exit code 2, nothing
-written. Runs the real scripts as subprocesses."""
+"""The command line itself, the only tests that start the scripts (as subprocesses): what
+a user sees when they get the settings wrong (one line, exit code 2, nothing written),
+--help, and run_all running every step's script to the same outputs as the steps' entry
+points give in-process (the other tests call those)."""
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers_pipeline import env, make_dataset, run_outputs, run_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = ["run_all.py", "A_feature_extraction.py", "B_processing_clustering.py",
@@ -79,3 +85,46 @@ def test_help_explains_inputs_and_outputs(script):
     assert proc.returncode == 0
     assert "settings" in proc.stdout.lower()
     assert len(proc.stdout) > 300, "--help should explain what the step reads and writes"
+
+
+STEP_TITLES = {"A": "feature extraction", "B": "PCA-whitening + codebook",
+               "C": "assignment maps + inverted file", "D": "BoW rankings", "E": "evaluation"}
+
+
+def test_run_all_runs_every_script(tmp_path):
+    """run_all on a tiny set: every step's script runs (its own process) and prints its
+    summary line, run_all its progress and the final mAP; the outputs are those of the
+    entry points called in-process; a rerun skips every step."""
+    cli = make_dataset(tmp_path / "cli")
+    inproc = tmp_path / "inproc"
+    shutil.copytree(tmp_path / "cli", inproc)
+    cmd = [sys.executable, str(REPO / "bow_pipeline" / "run_all.py"), str(cli), "-q"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    out = proc.stdout.splitlines()
+    for i, (key, title) in enumerate(STEP_TITLES.items(), 1):
+        running = out.index(f"[{i}/5] {key} {title}: running")
+        assert out[running + 1].startswith(f"{key}: "), out  # the step's summary line
+        assert re.fullmatch(rf"\[{i}/5\] {key} {re.escape(title)}: done in \d+\.\d s",
+                            out[running + 2]), out
+    e_line = out[-3]  # E's summary, before its "done" line and run_all's own
+    assert e_line.startswith("E: mAP ") and e_line.endswith(str(cli.parent / "run" / "bow"
+                                                                 / "map.txt"))
+    assert re.fullmatch(rf"tiny: mAP \d\.\d{{4}} over 2 queries; results in "
+                        rf"{re.escape(str(cli.parent / 'run' / 'bow'))}", out[-1]), out[-1]
+    assert e_line.split()[2] == out[-1].split()[2]  # the same mAP
+
+    run_pipeline(inproc / "settings.json")
+    got = run_outputs(cli.parent / "run", [cli.parent, inproc])
+    ref = run_outputs(inproc / "run", [cli.parent, inproc])
+    assert sorted(got) == sorted(ref)
+    for k in ref:
+        assert got[k] == ref[k], f"{k}: the scripts wrote other outputs than the entry points"
+
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env())
+    assert again.returncode == 0, again.stderr[-3000:]
+    lines = again.stdout.splitlines()
+    assert lines[:5] == [f"[{i}/5] {k} {t}: up to date, skipped"
+                         for i, (k, t) in enumerate(STEP_TITLES.items(), 1)]
+    assert lines[5:] == out[-1:]

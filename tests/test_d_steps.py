@@ -4,6 +4,7 @@ deterministic ties, the query cache, and refusals naming the culprit."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -21,8 +22,9 @@ from lib.index.encoding import database_vector
 from lib.index.inverted_file import InvertedFile
 from lib.provenance import expected_provenance, models_paths, training_fields
 from lib.search.masks import query_weights
-from lib.search.queries import bow_rankings, pooling_rankings
+from lib.search.pooling import pooling_rankings
 from lib.search.rankings import read_ranking_folder
+from lib.search.step import bow_rankings
 from lib.settings import load_settings
 from lib.vocabulary.codebook import Codebook
 from lib.vocabulary.pca import PCAWhitening
@@ -134,11 +136,24 @@ def test_query_cache_is_reused(tmp_path):
     sp = _make_run(tmp_path)
     s, _ = _run(sp)
     cache = Path(s.path_output) / "query_words.lmdb"
+    # key: image id, view, blake2b-128 of the query file's bytes
+    digest = {q: hashlib.blake2b((tmp_path / "images" / f"{q}.jpg").read_bytes(),
+                                 digest_size=16).hexdigest() for q in ("img0", "img3")}
     with AssignmentStore(cache) as st:
-        assert sorted(st.ids()) == ["img0#orig", "img3#orig"]
-        np.testing.assert_array_equal(st.get("img3#orig")[0], MAPS["img3"])
+        assert sorted(st.ids()) == [f"img0#orig#{digest['img0']}",
+                                    f"img3#orig#{digest['img3']}"]
+        np.testing.assert_array_equal(st.get(f"img3#orig#{digest['img3']}")[0], MAPS["img3"])
     _, r = _run(sp, masking=2)
     assert r.meta["query_cache"] == {"cached": 2, "from_database": 0, "network": 0}
+
+
+def test_cached_query_still_needs_its_file(tmp_path):
+    # queries served from the database store and the cache: a missing photo still fails
+    sp = _make_run(tmp_path)
+    _run(sp)
+    (tmp_path / "images" / "img3.jpg").unlink()
+    with pytest.raises(UserError, match="image 'img3' not found under"):
+        _run(sp, masking=2)
 
 
 def test_bad_box_names_the_query(tmp_path):

@@ -1,45 +1,42 @@
-"""Step E end to end (in-process): map.txt, results.json, the summary line, relative
---ranking names, and errors that name the list file and line with exit code 2."""
+"""Step E end to end (its entry point, lib/evaluation/step.py): map.txt, results.json, the
+summary line, relative --ranking names, and errors that name the list file and line with
+exit code 2."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from lib.errors import UserError
 from lib.evaluation.metrics import average_precision
+from lib.evaluation.step import evaluate_run
 from lib.groundtruth.loader import load_ground_truth
 from lib.search.rankings import rank_scores, write_ranking_folder
 from lib.settings import load_settings
 
-REPO = Path(__file__).resolve().parent.parent
 FIX = Path(__file__).resolve().parent / "fixtures"
-_spec = importlib.util.spec_from_file_location("E_evaluate", REPO / "bow_pipeline" /
-                                               "E_evaluate.py")
-E = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(E)  # type: ignore[union-attr]
 
 OX_IMAGES = ["all_souls_000013", "all_souls_000026", "all_souls_000091", "all_souls_000051",
              "all_souls_000183", "radcliffe_camera_000519", "radcliffe_camera_000095",
              "magdalen_000001", "magdalen_000002"]
 
 
-def run_e(capsys, *argv: str) -> tuple[int, str, str]:
-    old = sys.argv
-    sys.argv = ["E_evaluate.py", *argv]
+def run_e(settings: Path, ranking: str | None = None) -> tuple[int, str, str]:
+    """Step E on ``settings``: (exit code, what the command line prints on stdout: the
+    summary line, on stderr: ``error: <message>`` when it refuses)."""
     try:
-        with pytest.raises(SystemExit) as ex:
-            E.main()
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return int(ex.value.code or 0), out.out, out.err
+        res = evaluate_run(load_settings(settings), ranking=ranking)
+    except UserError as e:
+        assert "\n" not in str(e)  # one line
+        return e.exit_code, "", f"error: {e}\n"
+    assert res.step == "E"
+    assert res.counts["map"] == json.loads(res.outputs[1].read_text())["map"]
+    return 0, res.summary + "\n", ""
 
 
 def _oxford(tmp_path: Path, folder: str = "bow") -> tuple[Path, list[str], np.ndarray]:
@@ -60,9 +57,9 @@ def _oxford(tmp_path: Path, folder: str = "bow") -> tuple[Path, list[str], np.nd
     return s, names, scores
 
 
-def test_e_oxford(tmp_path: Path, capsys) -> None:
+def test_e_oxford(tmp_path: Path) -> None:
     s, names, scores = _oxford(tmp_path)
-    code, out, err = run_e(capsys, str(s))
+    code, out, err = run_e(s)
     assert code == 0, err
     folder = tmp_path / "run" / "bow"
     gt = load_ground_truth(load_settings(s))
@@ -82,31 +79,31 @@ def test_e_oxford(tmp_path: Path, capsys) -> None:
                         rf"{re.escape(str(folder / 'map.txt'))}\n", out)
 
 
-def test_e_relative_ranking_name(tmp_path: Path, capsys) -> None:
+def test_e_relative_ranking_name(tmp_path: Path) -> None:
     s, _, _ = _oxford(tmp_path, folder="pooling_sum")
-    code, out, _ = run_e(capsys, str(s), "--ranking", "pooling_sum")
+    code, out, _ = run_e(s, "pooling_sum")
     assert code == 0 and "(pooling_sum)" in out
     assert (tmp_path / "run" / "pooling_sum" / "results.json").is_file()
-    code, _, err = run_e(capsys, str(s))  # default bow: absent
+    code, _, err = run_e(s)  # default bow: absent
     assert code == 2 and "ranking folder not found" in err
 
 
-def test_e_errors_name_file_and_line(tmp_path: Path, capsys) -> None:
+def test_e_errors_name_file_and_line(tmp_path: Path) -> None:
     s, names, _ = _oxford(tmp_path)
     lst = tmp_path / "run" / "bow" / "lists" / f"{names[1]}.txt"
     lines = lst.read_text().splitlines()
     lst.write_text("\n".join([*lines[:3], lines[0], *lines[3:]]) + "\n")
-    code, out, err = run_e(capsys, str(s))
+    code, out, err = run_e(s)
     assert code == 2 and out == ""
     assert re.search(r"all_souls_2\.txt, line 4 \(query 'all_souls_2'\): image id '.+' "
                      "listed twice", err)
     assert not (tmp_path / "run" / "bow" / "map.txt").exists()
     lst.unlink()
-    code, _, err = run_e(capsys, str(s))
+    code, _, err = run_e(s)
     assert code == 2 and "ranked list of query 'all_souls_2' is missing" in err
 
 
-def test_e_revisited_generic_with_report(tmp_path: Path, capsys) -> None:
+def test_e_revisited_generic_with_report(tmp_path: Path) -> None:
     imgs = tmp_path / "images"
     imgs.mkdir()
     db = [f"im{i}" for i in range(6)]
@@ -123,7 +120,7 @@ def test_e_revisited_generic_with_report(tmp_path: Path, capsys) -> None:
     scores = rng.random((2, 6)).astype(np.float32)
     write_ranking_folder(tmp_path / "run" / "bow", ["qa", "qb"], db, scores,
                          rank_scores(scores), {"settings": {}})
-    code, out, err = run_e(capsys, str(s))
+    code, out, err = run_e(s)
     assert code == 0, err
     assert re.search(r"over 2 queries \(bow\) \[E \d\.\d{4} M \d\.\d{4} H \d\.\d{4}\]", out)
     res = json.loads((tmp_path / "run" / "bow" / "results.json").read_text())

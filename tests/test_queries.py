@@ -7,18 +7,18 @@ import pytest
 from PIL import Image
 
 from lib.index.bow import sparse_dot, to_dense
-from lib.search.geometry import box_mask
-from lib.search.masks import mask_bounds, query_weights
-from lib.search.queries import (
+from lib.search.augmentation import (
     VARIANTS,
     Variant,
     crop_geometry,
-    query_vector,
     transform_box,
     transform_image,
     transform_mask,
     variants_for,
 )
+from lib.search.geometry import box_mask
+from lib.search.masks import mask_bounds, query_weights
+from lib.search.query_encoding import query_vector
 
 FLIP, CROP, FLIPCROP = VARIANTS[1], VARIANTS[2], VARIANTS[3]
 

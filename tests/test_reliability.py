@@ -3,7 +3,8 @@ write, then rerun, must end with exactly what an uninterrupted run writes — LM
 compared key by key, models, inverted file, ranking lists, scores, map.txt — and a second
 run on the same output folder must refuse while the first holds it.
 
-How the points are chosen: the real step script runs under a small wrapper
+How the points are chosen: the step's library entry point runs, as its script runs it
+(inside lib.cli.run_main), in a child process under a small wrapper
 (``helpers_pipeline.FAULT_RUNNER``) that numbers every write (each LMDB transaction, each
 atomic file/folder write before, inside = temporary complete but not renamed, and after)
 and signals its own process at one of them. The default suite kills step A once (while a
@@ -22,13 +23,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lib.errors import LockedError
 from tests.helpers_pipeline import (
     REPO,
+    assert_one_error,
     dump_lmdb,
     fault_cmd,
     litter,
     make_dataset,
-    run_inproc,
+    refusal,
     run_outputs,
     run_pipeline,
     run_with_fault,
@@ -105,10 +108,9 @@ def test_kill_a_while_a_second_run_is_refused(reference, tmp_path):
         assert lock.read_text().split()[0] == str(first.pid)
         store = next((tmp_path / "r" / "run" / "features").glob("*.lmdb"))
         before = dump_lmdb(store)
-        code, _, err = run_inproc("A", s)
-        assert code == 3, err
-        assert f"pid {first.pid}" in err and "in use by another run" in err
-        assert "Traceback" not in err
+        err = refusal("A", s)
+        assert isinstance(err, LockedError)
+        assert_one_error(err, f"pid {first.pid}", "in use by another run", exit_code=3)
         assert dump_lmdb(store) == before  # the refused run wrote nothing
         assert lock.read_text().split()[0] == str(first.pid)
     finally:

@@ -237,23 +237,25 @@ def _step_t_setup(tmp_path):
 
 
 def test_step_t_trains_resumes_and_step_a_loads_the_checkpoint(tmp_path):
-    """Step T's body on 6 tiny images (Lite0, random weights): checkpoint written, a
+    """Step T's entry point on 6 tiny images (Lite0, random weights): checkpoint written, a
     rerun with more epochs resumes, lib.features.networks (step A, weights = file) loads the
     trained weights, and another training list refuses to resume."""
     from lib.features.networks import build_backbone
+    from lib.learned.step import fine_tune
     from lib.learned.training_data import TrainingSet, write_training_json
-    from lib.learned.triplet import run_training
     from lib.settings import load_settings
 
     paths, labels = _step_t_setup(tmp_path)
-    res = run_training(load_settings(tmp_path / "s.json"))
+    res = fine_tune(load_settings(tmp_path / "s.json"))
     ck_path = tmp_path / "run" / "models" / "triplet.pt"
     ck = load_checkpoint(ck_path)
-    assert res["epoch"] == ck["epoch"] == 1
+    assert res.counts["epoch"] == ck["epoch"] == 1
+    assert res.step == "T" and res.outputs == (ck_path,)
+    assert res.summary.startswith("T: 6 images in ") and "epoch 1/1" in res.summary
     assert ck["meta"]["layer"] == "head" and ck["meta"]["dim"] == 16
-    res = run_training(load_settings(tmp_path / "s.json", ["epochs=2"]))
+    res = fine_tune(load_settings(tmp_path / "s.json", ["epochs=2"]))
     ck2 = load_checkpoint(ck_path)
-    assert res["epoch"] == ck2["epoch"] == 2
+    assert res.counts["epoch"] == ck2["epoch"] == 2 and "epoch 2/2" in res.summary
     assert [h["epoch"] for h in ck2["history"]] == [1, 2]
     bb = build_backbone("efficientnet_lite0", "file", ["head"], ck_path)
     for k, v in bb.state_dict().items():
@@ -261,7 +263,7 @@ def test_step_t_trains_resumes_and_step_a_loads_the_checkpoint(tmp_path):
     write_training_json(tmp_path / "train.json",
                         TrainingSet(tmp_path / "img", paths[:4], labels[:4].tolist()))
     with pytest.raises(UserError, match="train_json_hash"):
-        run_training(load_settings(tmp_path / "s.json", ["epochs=3"]))
+        fine_tune(load_settings(tmp_path / "s.json", ["epochs=3"]))
 
 
 @pytest.mark.slow

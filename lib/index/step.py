@@ -1,0 +1,234 @@
+"""Step C's entry point: assignment maps and the inverted file of the database
+(``bow_pipeline/C_bow_representation.py`` is its command line).
+
+Inputs: step A's feature store, step B's models (path_models: pca.npz, codebook.npy),
+the ground truth (for the database order). Every artefact's metadata is checked against
+the settings first (network, layers, input size, ..., pca_dim, n_centers); a mismatch
+stops with the field named.
+
+Work: for each database image, its maps upsampled to ``new_dim`` (bilinear, aligned
+corners) -> local features L2 -> PCA-whitening -> L2 -> nearest word, exact or
+approximate (``assignment``; the approximate search, a PQ fast-scan shortlist re-ranked
+exactly, is tuned on a sample to agree with exact search on >= 97 % of features).
+Resumable: images already in the assignment store are skipped; each batch is one
+transaction. Then one BoW vector per image (``weighting``: centre prior or counts,
+L2-normalised; ``idf`` optional) goes into the inverted file, in database order.
+
+Streaming (stream_distractors = true, for the 100k/1M distractor sets): the distractor
+images (ids "distractors/...", from path_distractors) that are not in the feature store
+are decoded, run through the network and assigned in one pass (lib/index/streaming.py) before
+the inverted file is built; only their word maps are stored, never their float maps.
+Same checks and resume as above; unreadable distractors are listed in
+assignments.corrupted.txt and left out. Step A then skips the distractors.
+
+Outputs (path_output):
+  assignments.lmdb/   word map (H x W, uint16 for K <= 65,536) + original size per image id
+  assignments.corrupted.txt  (streaming only) image_id<TAB>reason of unreadable distractors
+  index/              inverted file (see lib/index/inverted_file.py and the README)
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from lib.artefacts import library_versions, output_lock
+from lib.errors import ArtefactMismatchError, UserError
+from lib.index.assignment_store import AssignmentStore
+from lib.index.bow import SparseVec
+from lib.index.encoding import database_vector, word_dtype
+from lib.pipeline import StepResult
+from lib.provenance import (
+    assignment_record,
+    check_assignment_record,
+    check_provenance,
+    expected_provenance,
+    load_models,
+)
+from lib.settings import Settings
+from lib.vocabulary.codebook import Codebook
+
+log = logging.getLogger("blcf.C")
+BATCH_IMAGES = 32  # images per assignment call and per LMDB transaction
+TUNE_FEATURES = 10000  # features used to tune (and report) approximate agreement
+
+
+def _features(reader: Any, sizes: dict[str, tuple[int, int]], image_id: str
+              ) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+    """(L2-PCA-L2 features (H*W, d), map (H, W), original (H0, W0)) of one image."""
+    feats, hw = reader.features_and_shape(image_id)
+    h0, w0 = sizes[image_id]
+    return np.asarray(feats, np.float32), (int(hw[0]), int(hw[1])), (int(h0), int(w0))
+
+
+def tune_sample(reader: Any, sizes: dict[str, tuple[int, int]], ids: list[str],
+                seed: int) -> np.ndarray:
+    """A fixed sample of features (the first database images, seeded rows), so that a
+    resumed run tunes the approximate search exactly as the first run did."""
+    rows, total = [], 0
+    for i in ids[:16]:
+        f = _features(reader, sizes, i)[0]
+        rows.append(f)
+        total += len(f)
+        if total >= 4 * TUNE_FEATURES:
+            break
+    if not rows:
+        return np.zeros((0, 1), np.float32)
+    x = np.concatenate(rows)
+    rng = np.random.default_rng(seed)
+    return x[np.sort(rng.choice(len(x), min(TUNE_FEATURES, len(x)), replace=False))]
+
+
+def open_assignments(path: Path, expected: dict[str, Any]) -> AssignmentStore:
+    """The assignment store, resumed when it was made with the same inputs; rebuilt (with
+    a warning naming the field) when the models or reader settings changed."""
+    if (path / "data.mdb").exists():
+        st = AssignmentStore(path, readonly=False)
+        try:
+            check_assignment_record(expected, st.meta, str(path))
+        except ArtefactMismatchError as e:
+            log.warning("%s; rebuilding the assignment store", e)
+            st.close()
+            shutil.rmtree(path)
+        else:
+            return st
+    return AssignmentStore.create(path, expected)
+
+
+def assign_all(todo: list[str], reader: Any, sizes: dict[str, tuple[int, int]],
+               cb: Codebook, out: AssignmentStore) -> int:
+    """Assign ``todo`` in batches (one codebook call and one transaction per batch)."""
+    dt = word_dtype(cb.k)
+    done = 0
+    with tqdm(total=len(todo), desc="assigning", unit="img", mininterval=2.0,
+              disable=None) as bar:
+        for s in range(0, len(todo), BATCH_IMAGES):
+            batch = [(i, *_features(reader, sizes, i)) for i in todo[s:s + BATCH_IMAGES]]
+            words = cb.assign(np.concatenate([b[1] for b in batch]))
+            records, o = [], 0
+            for image_id, feats, hw, orig in batch:
+                n = hw[0] * hw[1]
+                if len(feats) != n:
+                    raise UserError(f"image '{image_id}': {len(feats)} local features for a "
+                                    f"{hw[0]}x{hw[1]} map")
+                records.append((image_id, words[o:o + n].reshape(hw).astype(dt), orig))
+                o += n
+            out.put_many(records)
+            done += len(batch)
+            bar.update(len(batch))
+    return done
+
+
+def build_index(settings: Settings) -> StepResult:
+    """Step C on validated settings: check the inputs, assign (resuming), stream the
+    distractors when asked, build the inverted file; all under the output lock."""
+    from lib.features.feature_store import FeatureStore
+    from lib.features.local_features import LocalFeatureReader
+    from lib.groundtruth.loader import load_ground_truth
+    from lib.index.inverted_file import InvertedFile
+
+    s = settings
+    t0 = time.perf_counter()
+    prov = expected_provenance(s)
+    pca, cb = load_models(s)
+    fpath = FeatureStore.path_for(s)
+    store = FeatureStore(fpath) if Path(fpath).exists() else None
+    if store is not None:
+        check_provenance(prov, store.meta, str(fpath), "rerun step A with these settings")
+    db_ids = load_ground_truth(s).db_ids
+    out_dir = Path(s.path_output)
+    apath = AssignmentStore.path_for(s)
+    expected = assignment_record(s, pca, cb)
+    with output_lock(out_dir, "C"):
+        asg = open_assignments(apath, {**expected, **_extra_meta(s)})
+        try:
+            sizes = store.sizes() if store is not None else {}
+            # one reader for tuning and assigning (no store: no sizes, nothing to do)
+            reader = None if store is None else LocalFeatureReader(
+                store, list(s.new_dim) if s.new_dim else None, l2norm=s.l2norm, pca=pca)
+            if s.assignment == "approximate":
+                _tune(s, cb, asg, reader, sizes, db_ids)
+            streamed = {"streamed": 0, "corrupt": 0}
+            if s.stream_distractors:
+                streamed = _stream(s, pca, cb, asg, db_ids, sizes)
+            todo = [i for i in db_ids if i not in asg]
+            missing = [i for i in todo if i not in sizes]
+            if missing:
+                log.warning("%d database images have neither features nor an assignment "
+                            "map (unreadable in step A?) and are left out, e.g. %s",
+                            len(missing), ", ".join(missing[:5]))
+            todo = [i for i in todo if i in sizes]  # empty without a feature store
+            n_new = assign_all(todo, reader, sizes, cb, asg) if todo else 0
+            present = [i for i in db_ids if i in asg]
+            asg.set_meta({**asg.meta, "count": len(asg)})
+
+            def vectors() -> Iterator[SparseVec]:
+                for i in present:
+                    yield database_vector(asg.get(i)[0], s.weighting, cb.k)
+
+            meta = {**expected, "weighting": s.weighting, "idf": s.idf,
+                    "n_missing": len(missing), **_extra_meta(s)}
+            inv = InvertedFile.build(out_dir / "index", vectors(), cb.k, present, meta,
+                                     idf=s.idf)
+        finally:
+            asg.close()
+    lines = []
+    if s.stream_distractors:
+        lines.append(f"C: {streamed['streamed']} distractors streamed (extracted + assigned, "
+                     f"no feature maps kept) at {streamed.get('images_per_s', 0.0):.2f} "
+                     f"images/s, {streamed['corrupt']} unreadable")
+    lines.append(f"C: {n_new} images assigned ({len(present) - n_new - streamed['streamed']} "
+                 "already stored, "
+                 f"{len(missing)} missing), {s.assignment} assignment, {cb.k} words -> "
+                 f"{apath}; inverted file of {inv.n_docs} images -> {out_dir / 'index'} in "
+                 f"{time.perf_counter() - t0:.1f} s")
+    counts = {"assigned": n_new, "already_stored": len(present) - n_new - streamed["streamed"],
+              "missing": len(missing), "streamed": streamed["streamed"],
+              "streamed_corrupt": streamed["corrupt"], "indexed": inv.n_docs, "words": cb.k}
+    return StepResult("C", "\n".join(lines), (apath, out_dir / "index"), counts,
+                      time.perf_counter() - t0)
+
+
+def _tune(s: Any, cb: Codebook, asg: AssignmentStore, reader: Any,
+          sizes: dict[str, tuple[int, int]], db_ids: list[str]) -> None:
+    """Approximate assignment: the shortlist length recorded in the store, or tuned on a
+    fixed sample of stored features (before any streaming, so that streamed and stored
+    images are assigned with the same search)."""
+    if "ef_search" in asg.meta:  # written by the HNSW search this project used before
+        raise UserError(f"{AssignmentStore.path_for(s)}: made by an older approximate search "
+                        "(HNSW); delete it and rerun step C")
+    if "n_candidates" in asg.meta:
+        cb.n_candidates = int(asg.meta["n_candidates"])
+        return
+    if reader is None or not sizes:
+        return
+    agree = cb.tune(tune_sample(reader, sizes, [i for i in db_ids if i in sizes], s.seed))
+    asg.set_meta({**asg.meta, "n_candidates": cb.n_candidates, "tuned_agreement": agree})
+
+
+def _stream(s: Any, pca: Any, cb: Codebook, asg: AssignmentStore, db_ids: list[str],
+            sizes: dict[str, tuple[int, int]]) -> dict[str, Any]:
+    """stream_distractors: the distractors without stored features go through the
+    network and the codebook in one pass (lib/index/streaming.py); only word maps are kept."""
+    from lib.groundtruth.loader import DISTRACTOR_PREFIX
+    from lib.index.streaming import stream_assignments
+
+    ids = [i for i in db_ids if i.startswith(DISTRACTOR_PREFIX) and i not in sizes]
+    if not ids:
+        return {"streamed": 0, "corrupt": 0}
+    r = stream_assignments(s, ids, pca, cb, asg)
+    log.info("streamed %d distractors at %.1f images/s on %s (%d already assigned)",
+             r["streamed"], r["images_per_s"], r["device"], r["skipped"])
+    return r
+
+
+def _extra_meta(s: Any) -> dict[str, Any]:
+    return {"dataset": s.dataset, "settings_hash": s.step_hash("C"),
+            "versions": library_versions()}

@@ -1,0 +1,138 @@
+"""The BoW search of one encoded query: inverted file -> [spatial re-ranking] -> [query
+expansion -> inverted file -> re-ranking again].
+
+Why one class: the three stages share the query's map and box, the database assignment
+store and a cache of database vectors (GQE), and their order is part of the method
+(re-ranking always scores windows against the original query, so the final block is
+spatially verified even after expansion).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lib.index.bow import SparseVec
+from lib.index.encoding import database_vector
+from lib.search import expansion
+from lib.search.geometry import cells_to_box
+from lib.search.query_encoding import EncodedQuery
+from lib.search.rankings import rank_scores
+from lib.search.rerank import rerank
+
+
+def ranking_scores(first_scores: np.ndarray, top_ids: np.ndarray | None = None,
+                   top_scores: np.ndarray | None = None) -> np.ndarray:
+    """Per-database-image scores (database order) whose descending order is the final
+    list: the search scores, with the re-ranked images ``top_ids`` given their window
+    scores lifted above every other score (``1 + max(rest) + s - min(0, min(s))``), so the
+    re-ranked block comes first, sorted by window score, and the rest keeps its order."""
+    out = np.asarray(first_scores, np.float32).copy()
+    if top_ids is None or len(top_ids) == 0:
+        return out
+    top_ids = np.asarray(top_ids, np.int64)
+    top = np.asarray(top_scores, np.float64)
+    rest = np.delete(out, top_ids)
+    lift = (float(rest.max()) if rest.size else 0.0) + 1.0
+    out[top_ids] = (lift + top - min(float(top.min()), 0.0)).astype(np.float32)
+    return out
+
+
+@dataclass
+class Ranked:
+    """One query's final ranking: ``order`` (database indices, best first), ``scores``
+    (database order, consistent with ``order``, see :func:`ranking_scores`), the
+    localisations of the last re-ranking (or ``None``) and per-stage times in ms."""
+
+    order: np.ndarray
+    scores: np.ndarray
+    localisations: list[dict] | None
+    timings: dict[str, float]
+
+
+class BowSearcher:
+    """Search -> [spatial re-ranking of the top ``top``] -> [GQE/LQE with the top
+    ``qe_top`` -> search -> re-ranking again]. Re-ranking always scores windows against
+    the original query's map and box (the expanded vector has no map); after query
+    expansion it re-orders the new top ``top``, so the final block is spatially verified.
+
+    ``index`` is a :class:`lib.index.inverted_file.InvertedFile`, ``store`` the database
+    :class:`lib.index.assignment_store.AssignmentStore` (needed for re-ranking and GQE)."""
+
+    def __init__(self, settings: Any, index: Any, store: Any | None) -> None:
+        self.s = settings
+        self.index = index
+        self.store = store
+        self.n_words = int(index.n_words)
+        self.db_ids: list[str] = list(index.image_ids)
+        self._db_vec_cache: dict[int, SparseVec] = {}
+        needs_store = settings["rerank"] or settings["query_expansion"] != "none"
+        if needs_store and store is None:
+            raise ValueError("re-ranking and query expansion need the assignment store")
+
+    def _maps(self, ids: np.ndarray) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+        words, sizes = [], []
+        for i in ids.tolist():
+            w, hw = self.store.get(self.db_ids[i])
+            words.append(w)
+            sizes.append(hw)
+        return words, sizes
+
+    def _rerank(self, eq: EncodedQuery, order: np.ndarray, scores: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, list[dict], dict[int, SparseVec]]:
+        top = order[: min(int(self.s["top"]), order.size)]
+        words, sizes = self._maps(top)
+        res = rerank(eq.words[0], eq.cells, words, self.n_words,
+                     ar_threshold=float(self.s["ar_threshold"]),
+                     levels=int(self.s["pyramid_levels"]))
+        final = ranking_scores(scores, top, res.scores)
+        new_order = rank_scores(final)  # the ranking folders' rule: ties in database order
+        pos = {int(i): j for j, i in enumerate(top.tolist())}
+        locs = []
+        for rank, i in enumerate(new_order[: top.size].tolist()):
+            j = pos[i]
+            box = cells_to_box(tuple(int(c) for c in res.windows[j]), sizes[j],
+                               words[j].shape)
+            locs.append({"image": self.db_ids[i], "rank": rank + 1,
+                         "score": float(res.scores[j]),
+                         "box": [round(float(c), 2) for c in box]})
+        windows = {int(i): res.window_vectors[pos[int(i)]] for i in top.tolist()}
+        return new_order, final, locs, windows
+
+    def _db_vector(self, i: int) -> SparseVec:
+        if i not in self._db_vec_cache:
+            w, _ = self.store.get(self.db_ids[i])
+            self._db_vec_cache[i] = database_vector(w, self.s["weighting"], self.n_words)
+        return self._db_vec_cache[i]
+
+    def rank(self, eq: EncodedQuery) -> Ranked:
+        t: dict[str, float] = {"search": 0.0, "rerank": 0.0, "qe": 0.0}
+        t0 = time.perf_counter()
+        order, scores = self.index.search(eq.vector)
+        t["search"] += time.perf_counter() - t0
+        locs, windows = None, {}
+        if self.s["rerank"]:
+            t0 = time.perf_counter()
+            order, scores, locs, windows = self._rerank(eq, order, scores)
+            t["rerank"] += time.perf_counter() - t0
+        qe = self.s["query_expansion"]
+        if qe != "none":
+            t0 = time.perf_counter()
+            n = min(int(self.s["qe_top"]), order.size)
+            tops = order[:n].tolist()
+            if qe == "gqe":
+                q2 = expansion.gqe(eq.vector, [self._db_vector(i) for i in tops])
+            else:  # lqe: the best windows of the re-ranked top (within the top `top`)
+                q2 = expansion.lqe(eq.vector, [windows[i] for i in tops if i in windows])
+            t["qe"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            order, scores = self.index.search(q2)
+            t["search"] += time.perf_counter() - t0
+            if self.s["rerank"]:
+                t0 = time.perf_counter()
+                order, scores, locs, _ = self._rerank(eq, order, scores)
+                t["rerank"] += time.perf_counter() - t0
+        return Ranked(order, scores, locs, {k: v * 1000.0 for k, v in t.items()})
