@@ -1,19 +1,30 @@
-"""Where step B's models live and how later steps load them safely.
+"""Provenance: the records that define each artefact, and the checks against them.
+
+Every artefact carries the feature provenance (network, weights and their file's hash,
+layers, input size, preprocessing) plus its own fields: B's models the training fields,
+C's assignment maps :func:`assignment_record`, the index the same record plus its
+weighting. A later step compares what its settings ask for with what it finds and
+refuses with the field named.
 
 Why a checked loader: the original loaded whichever pickle a hard-coded path named, so
-an Oxford run could silently use a Paris, conv5_2 or 512x384 vocabulary. Here both model
-records carry the feature provenance and the training fields; ``load_models`` refuses a
-model that disagrees with the settings, naming the field and the step to rerun.
+an Oxford run could silently use a Paris, conv5_2 or 512x384 vocabulary.
+
+:func:`step_hash` is what ``run_all`` and every artefact's ``settings_hash`` use: the
+settings keys that affect a step and every earlier one, plus the identity of every input
+file those steps read (:func:`step_inputs`). Paths themselves are left out, so a run
+folder copied elsewhere stays up to date; what a path points at is not.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from lib.artefacts import check_fields
-from lib.errors import ArtefactMismatchError
+from lib.artefacts import canonical_hash, check_fields
+from lib.errors import ArtefactMismatchError, UserError
+from lib.settings import STEPS
 from lib.vocabulary.codebook import Codebook
 from lib.vocabulary.pca import PCAWhitening
 
@@ -117,3 +128,106 @@ def load_models(settings: Mapping[str, Any]) -> tuple[PCAWhitening, Codebook]:
     cb = Codebook.load(p_cb, mode=settings["assignment"], device=settings["device"])
     check_codebook(cb, p_cb, settings, prov, pca)
     return pca, cb
+
+
+# --------------------------------------------------------------------- input identities
+
+
+def file_identity(path: str | Path | None) -> list[int] | None:
+    """``[size, mtime_ns]`` of a file, or None when there is none. Cheap (one ``stat``):
+    a rewritten file changes its mtime, and a copy made with its times (``cp -p``,
+    ``shutil.copytree``) keeps them."""
+    if path is None:
+        return None
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return [int(st.st_size), int(st.st_mtime_ns)]
+
+
+def content_identity(path: str | Path | None) -> str | None:
+    """SHA-256 of a small file's bytes (ground truth, a store's metadata), or of a
+    folder's listing with each file's identity; None when absent."""
+    if path is None:
+        return None
+    p = Path(path)
+    if p.is_file():
+        return hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+    if p.is_dir():
+        return canonical_hash([[f.relative_to(p).as_posix(), file_identity(f)]
+                               for f in sorted(p.rglob("*")) if f.is_file()])
+    return None
+
+
+def images_identity(settings: Mapping[str, Any], ids: Iterable[str],
+                    query: bool = False) -> str:
+    """One digest over ``(id, size, mtime_ns)`` of every image: another folder with the
+    same image names, or one rewritten photo, gives another digest."""
+    from lib.groundtruth.loader import image_path
+
+    h = hashlib.sha256()
+    for i in ids:
+        try:
+            ident = file_identity(image_path(settings, i, query=query))
+        except UserError:  # missing: the step itself reports it
+            ident = None
+        h.update(f"{i}\t{ident}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _store_meta_identity(path: str | Path | None) -> str | None:
+    """The metadata record of another run's feature store (``train_store``)."""
+    if path is None or not (Path(path) / "data.mdb").is_file():
+        return None
+    from lib.features.feature_store import FeatureStore
+
+    st = FeatureStore(path)
+    try:
+        return canonical_hash(st.meta)
+    finally:
+        st.close()
+
+
+def step_inputs(settings: Mapping[str, Any], step: str) -> dict[str, Any]:
+    """The identity of every input file ``step`` itself reads (earlier steps' inputs are
+    added by :func:`step_hash`). A: the ground truth, the weights file (inside the feature
+    provenance) and every database image; B: ``train_store``'s metadata and the models it
+    reuses instead of training; D: every query image."""
+    from lib.groundtruth.loader import load_ground_truth
+
+    def gt() -> Any:
+        try:
+            return load_ground_truth(settings)
+        except UserError:  # unreadable ground truth: the step reports it when it runs
+            return None
+
+    if step == "A":
+        g = gt()
+        try:
+            prov: dict[str, Any] | None = expected_provenance(settings)
+        except UserError:  # e.g. a missing weights file: step A reports it
+            prov = None
+        return {"feature_provenance": prov,
+                "path_gt": content_identity(settings["path_gt"]),
+                "images": None if g is None else images_identity(settings, g.db_ids)}
+    if step == "B":
+        p_pca, p_cb = models_paths(settings)
+        return {"train_store": _store_meta_identity(settings["train_store"]),
+                "reused_pca": None if settings["TRAIN_PCA"] else file_identity(p_pca),
+                "reused_codebook": (None if settings["TRAIN_CENTROIDS"]
+                                    else file_identity(p_cb))}
+    if step == "D":
+        g = gt()
+        return {"queries": None if g is None else images_identity(
+            settings, [q.image for q in g.queries], query=True)}
+    return {}
+
+
+def step_hash(settings: Any, step: str, keys: Mapping[str, Any]) -> str:
+    """Hash of ``keys`` (the settings keys that affect ``step`` or an earlier step) and of
+    the identities of the input files of ``step`` and every earlier step. Equal hashes:
+    the step's output would be the same."""
+    upto = STEPS[: STEPS.index(step) + 1]
+    return canonical_hash({"keys": dict(keys),
+                           "inputs": {s: step_inputs(settings, s) for s in upto}})

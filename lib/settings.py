@@ -221,14 +221,15 @@ class Settings(Mapping[str, Any]):
         return Settings(v, self.source)
 
     def step_hash(self, step: str) -> str:
-        """Hash of every key that affects ``step`` or an earlier step (paths excluded
-        except what selects images). Two runs with equal hashes produce equal output."""
-        from lib.artefacts import canonical_hash
+        """Hash of every key that affects ``step`` or an earlier step (paths left out)
+        and of every input file those steps read (:func:`lib.provenance.step_hash`).
+        Two runs with equal hashes produce equal output."""
+        from lib.provenance import step_hash
 
         upto = STEPS[: STEPS.index(step) + 1]
         keys = {k.name: self._v[k.name] for k in SCHEMA
                 if k.step in upto and k.type != "path"}
-        return canonical_hash(keys)
+        return step_hash(self, step, keys)
 
 
 def _expand(raw: str, key: str, base: Path, roots: dict[str, Path], source: Path) -> Path:

@@ -192,6 +192,8 @@ def run_extraction(settings: Any, image_ids: list[str], store_path: Path | None 
         else:
             created = _now()
         stored = store.sizes()
+        stale = refresh_inputs(store, settings, image_ids, stored)
+        stored = {i: hw for i, hw in stored.items() if i not in stale}
         store.set_meta(store_meta(settings, prov, len(stored), created, False))
         todo = [i for i in image_ids if i not in stored]
         n_skipped = len(image_ids) - len(todo)
@@ -214,6 +216,40 @@ def run_extraction(settings: Any, image_ids: list[str], store_path: Path | None 
             "wait_seconds": res["wait_s"],
             "images_per_s": n_new / res["loop_s"] if res["loop_s"] > 0 else 0.0,
             "device": str(ext.device) if ext else "-", "interrupted": res["interrupted"]}
+
+
+def refresh_inputs(store: Any, settings: Any, image_ids: Sequence[str],
+                   stored: Mapping[str, Any]) -> list[str]:
+    """Record the identity (size, mtime) of every image file about to be stored, and
+    drop the stored records whose file changed since they were extracted (another
+    ``path_images`` with the same names, a rewritten photo), so they are extracted
+    again. Recorded before any new record, in the same transaction as the drops, so an
+    interrupted run resumes with the right identities. Returns the dropped ids."""
+    from lib.features.feature_store import input_key
+    from lib.groundtruth.loader import image_path
+    from lib.provenance import file_identity
+
+    def ident(i: str) -> tuple[int, int]:
+        try:
+            f = file_identity(image_path(settings, i))
+        except UserError:
+            f = None
+        return (f[0], f[1]) if f else (-1, -1)
+
+    recorded = store.inputs()
+    current = {input_key(i): ident(i) for i in image_ids}
+    if recorded is None:  # a store from before this record: its records are trusted
+        stale = []
+        recorded = {}
+    else:
+        stale = [i for i in image_ids if i in stored
+                 and recorded.get(input_key(i)) != current[input_key(i)]]
+    if stale:
+        log.warning("%s: %d stored images changed since they were extracted (file size or "
+                    "modification time), e.g. %s; extracting them again", store.path,
+                    len(stale), ", ".join(stale[:3]))
+    store.replace_inputs({**recorded, **current}, drop=stale)
+    return stale
 
 
 def _now() -> str:

@@ -23,6 +23,7 @@ Layout (all integers little-endian):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -37,6 +38,11 @@ from lib.artefacts import write_text_atomic
 from lib.errors import UserError
 
 META_KEY = b"__meta__"
+# identity ([size, mtime_ns]) of the image file behind every record, so that step A
+# extracts again an image whose file changed (another folder, a rewritten photo)
+INPUTS_KEY = b"__inputs__"
+RESERVED = (META_KEY, INPUTS_KEY)
+_INPUTS_MAGIC = b"INP1"
 MAGIC = b"LCF1"
 HEADER = struct.Struct("<4sBBHII")
 SHAPE = struct.Struct("<III")
@@ -128,10 +134,16 @@ class FeatureStore:
 
     @staticmethod
     def path_for(settings: Mapping[str, Any]) -> Path:
-        """``<path_features>/<network>-<weights>-<layers+>-<H>x<W>-<resize>.lmdb``."""
-        from lib.features.networks import resolve_family
+        """``<path_features>/<network>-<weights>-<layers+>-<H>x<W>-<resize>.lmdb``; with
+        weights from a file (``file``, ``caffe``) the family is followed by the first 8 hex
+        digits of the file's SHA-256, so new weights written over the same file (a
+        fine-tuned checkpoint) get a store of their own instead of stale features."""
+        from lib.features.networks import feature_provenance, resolve_family
 
         fam = resolve_family(settings["network"], settings["weights"])
+        wf = settings.get("weights_file")
+        if fam in ("caffe", "file") and wf is not None and Path(wf).is_file():
+            fam += feature_provenance(settings)["weights_file_sha256"][:8]
         h, w = settings["input_size"]
         resize = settings["resize"]
         if resize == "max_side":
@@ -188,7 +200,7 @@ class FeatureStore:
         """Every stored image id, sorted."""
         with self.env.begin() as txn:
             keys = [bytes(k).decode("utf-8") for k in txn.cursor().iternext(values=False)
-                    if k != META_KEY]
+                    if k not in RESERVED]
         keys.sort()
         return keys
 
@@ -198,7 +210,7 @@ class FeatureStore:
         with self.env.begin(buffers=True) as txn:
             for k, v in txn.cursor():
                 k = bytes(k)
-                if k != META_KEY:
+                if k not in RESERVED:
                     out[k.decode("utf-8")] = record_size_hw(v)
         return out
 
@@ -211,7 +223,7 @@ class FeatureStore:
     def __len__(self) -> int:
         n = self.env.stat()["entries"]
         with self.env.begin(buffers=True) as txn:
-            return n - (txn.get(META_KEY) is not None)
+            return n - sum(txn.get(k) is not None for k in RESERVED)
 
     def get_raw(self, image_id: str) -> bytes:
         with self.env.begin() as txn:
@@ -242,7 +254,7 @@ class FeatureStore:
         layers = self.layers
         items = []
         for image_id, maps, size in records:
-            if image_id == META_KEY.decode():
+            if image_id.encode("utf-8") in RESERVED:
                 raise UserError(f"image id '{image_id}' is reserved")
             missing = [ly for ly in layers if ly not in maps]
             if missing:
@@ -251,12 +263,41 @@ class FeatureStore:
                           encode_record([maps[ly] for ly in layers], size, dtype)))
         self._write(items)
 
-    def _write(self, items: list[tuple[bytes, bytes]]) -> None:
+    def inputs(self) -> dict[int, tuple[int, int]] | None:
+        """{id key: (size, mtime_ns)} of the image files behind the records (see
+        :func:`input_key`; size -1 = the file was missing), or None for a store written
+        before this record existed."""
+        with self.env.begin() as txn:
+            raw = txn.get(INPUTS_KEY)
+        if raw is None:
+            return None
+        raw = bytes(raw)
+        if raw[:4] != _INPUTS_MAGIC or (len(raw) - 12) % 24:
+            raise UserError(f"{self.path}: the record {INPUTS_KEY.decode()} is damaged "
+                            "(delete the store and rerun step A)")
+        n = int(np.frombuffer(raw, "<u8", 1, 4)[0])
+        a = np.frombuffer(raw, "<i8", 3 * n, 12).reshape(3, n)
+        return dict(zip(a[0].view("<u8").tolist(), zip(a[1].tolist(), a[2].tolist())))
+
+    def replace_inputs(self, inputs: Mapping[int, tuple[int, int]],
+                       drop: Sequence[str] = ()) -> None:
+        """In one transaction: drop the records of ``drop`` (their files changed) and
+        store ``inputs`` (sorted by key, so equal inputs give equal bytes)."""
+        keys = np.array(sorted(inputs), dtype="<u8")
+        vals = np.array([inputs[k] for k in keys.tolist()], dtype="<i8").reshape(-1, 2)
+        blob = (_INPUTS_MAGIC + np.array([len(keys)], "<u8").tobytes() + keys.tobytes()
+                + np.ascontiguousarray(vals[:, 0]).tobytes()
+                + np.ascontiguousarray(vals[:, 1]).tobytes())
+        self._write([(INPUTS_KEY, blob)], delete=[i.encode("utf-8") for i in drop])
+
+    def _write(self, items: list[tuple[bytes, bytes]], delete: Sequence[bytes] = ()) -> None:
         if self.readonly:
             raise UserError(f"{self.path}: opened read-only")
         while True:
             try:
                 with self.env.begin(write=True) as txn:
+                    for k in delete:
+                        txn.delete(k)
                     for k, v in items:
                         txn.put(k, v)
                 return
@@ -277,6 +318,12 @@ class FeatureStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def input_key(image_id: str) -> int:
+    """64-bit key of an image id in the inputs record (8 bytes instead of the id)."""
+    return int.from_bytes(hashlib.blake2b(image_id.encode("utf-8"), digest_size=8).digest(),
+                          "little")
 
 
 def _data_size(path: Path) -> int:
