@@ -391,7 +391,7 @@ def _cross_checks(v: dict[str, Any], source: Path) -> None:
 
 
 def schema_markdown() -> str:
-    """The settings reference table for the README (kept in sync by a test)."""
+    """The settings reference table of docs/settings.md (kept in sync by a test)."""
     rows = ["| key | type | default | step | meaning |", "|---|---|---|---|---|"]
     for k in SCHEMA:
         d = "required" if k.required else json.dumps(k.default)

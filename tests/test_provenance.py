@@ -46,49 +46,40 @@ def feature_records(run: Path) -> dict[bytes, bytes]:
     return dump_lmdb(store)[0]
 
 
-def test_other_images_with_the_same_names_rerun_every_step(tmp_path: Path) -> None:
+def test_run_all_reruns_exactly_the_steps_whose_input_files_changed(tmp_path: Path) -> None:
     s = make_dataset(tmp_path / "d", seed=0)
     other = make_dataset(tmp_path / "e", seed=1).parent / "images"  # same names
+    spare = make_dataset(tmp_path / "f", seed=2).parent
     run = tmp_path / "d" / "run"
     assert ran(run_all(s)) == "ABCDE"
     first, feats = scores(run), feature_records(run)
     assert ran(run_all(s)) == ""  # nothing changed: every step up to date
+
+    # another folder with the same image names: not answered from the old store
     out = run_all(s, "--set", f"path_images={other}")
     assert ran(out) == "ABCDE"
-    assert "A: 8 extracted, 0 already stored" in out  # not answered from the old store
-    assert not np.array_equal(scores(run), first)
-    new = feature_records(run)
+    assert "A: 8 extracted, 0 already stored" in out
+    second, new = scores(run), feature_records(run)
+    assert not np.array_equal(second, first)
     assert sorted(new) == sorted(feats)
     assert all(new[k] != feats[k] for k in new if not k.startswith(b"__"))
 
-
-def test_one_rewritten_photo_is_extracted_again_and_only_it(tmp_path: Path) -> None:
-    s = make_dataset(tmp_path / "d", seed=0)
-    run = tmp_path / "d" / "run"
-    run_all(s)
-    feats = feature_records(run)
-    photo = tmp_path / "d" / "images" / "img_05.jpg"
-    replacement = make_dataset(tmp_path / "e", seed=2).parent / "images" / "img_05.jpg"
-    photo.write_bytes(replacement.read_bytes())
-    out = run_all(s)
+    # one rewritten photo: extracted again, and only it
+    (other / "img_05.jpg").write_bytes((spare / "images" / "img_05.jpg").read_bytes())
+    out = run_all(s, "--set", f"path_images={other}")
     assert ran(out) == "ABCDE"
     assert "A: 1 extracted, 7 already stored" in out
-    new = feature_records(run)
-    changed = sorted(k for k in new if not k.startswith(b"__") and new[k] != feats[k])
-    assert changed == [b"img_05"]
+    third = feature_records(run)
+    assert sorted(k for k in third if not k.startswith(b"__") and third[k] != new[k]) \
+        == [b"img_05"]
 
-
-def test_a_changed_query_photo_reruns_d_and_e_only(tmp_path: Path) -> None:
-    s = make_dataset(tmp_path / "d", seed=0)
-    run = tmp_path / "d" / "run"
-    run_all(s)
-    first = scores(run)
+    # a rewritten query photo: D and E only, and only its scores change
+    before = scores(run)
     q = tmp_path / "d" / "queries" / "q_0.jpg"
-    q.write_bytes((make_dataset(tmp_path / "e", seed=3).parent / "queries" / "q_0.jpg"
-                   ).read_bytes())
-    assert ran(run_all(s)) == "DE"
-    assert not np.array_equal(scores(run)[0], first[0])
-    np.testing.assert_array_equal(scores(run)[1], first[1])
+    q.write_bytes((spare / "queries" / "q_0.jpg").read_bytes())
+    assert ran(run_all(s, "--set", f"path_images={other}")) == "DE"
+    assert not np.array_equal(scores(run)[0], before[0])
+    np.testing.assert_array_equal(scores(run)[1], before[1])
 
 
 def _weights(path: Path, scale: float) -> None:

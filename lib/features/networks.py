@@ -392,7 +392,7 @@ def build_backbone(network: str, weights: str, layers: Sequence[str],
             if weights_file is None:
                 raise UserError(
                     "settings key 'weights_file': weights 'caffe' needs the Caffe-converted "
-                    f"VGG16 state dict (e.g. {CAFFE_VGG16_URL}); see the README")
+                    f"VGG16 state dict (e.g. {CAFFE_VGG16_URL}); see docs/step_a.md")
             sd = _torch_load(Path(weights_file), "settings key 'weights_file'")
             prep = dict(PREPROCESSING["caffe"])
         elif family == "pypi":

@@ -24,7 +24,7 @@ assignments.corrupted.txt and left out. Step A then skips the distractors.
 Outputs (path_output):
   assignments.lmdb/   word map (H x W, uint16 for K <= 65,536) + original size per image id
   assignments.corrupted.txt  (streaming only) image_id<TAB>reason of unreadable distractors
-  index/              inverted file (see lib/index/inverted_file.py and the README)
+  index/              inverted file (see lib/index/inverted_file.py and docs/formats.md)
 """
 
 from __future__ import annotations
