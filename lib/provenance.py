@@ -100,7 +100,7 @@ def assignment_record(settings: Mapping[str, Any], pca: PCAWhitening,
     store and the index, streaming checks the store against it, and step D's query
     encoder compares it with both (and keys its query cache with it)."""
     nd = settings["new_dim"]
-    return {
+    rec = {
         "provenance": expected_provenance(settings),
         "new_dim": list(nd) if nd else None,
         "l2norm": bool(settings["l2norm"]),
@@ -109,13 +109,31 @@ def assignment_record(settings: Mapping[str, Any], pca: PCAWhitening,
         "n_centers": int(codebook.k),
         "assignment": settings["assignment"],
     }
+    if settings["kernel"] != "bow":  # BoW records stay as they were before kernels
+        rec["kernel"] = settings["kernel"]
+        rec["asmk_bits"] = asmk_bits(settings, codebook.dim)
+    return rec
+
+
+def asmk_bits(settings: Mapping[str, Any], dim: int) -> int:
+    """Bits per ASMK signature: ``asmk_bits``, or the whole (PCA) feature dimension."""
+    n = settings["asmk_bits"]
+    if n is None:
+        return int(dim)
+    if not 1 <= int(n) <= dim:
+        raise UserError(f"settings key 'asmk_bits': {n} is not in 1..{dim} (the PCA "
+                        "dimension)")
+    return int(n)
 
 
 def check_assignment_record(expected: Mapping[str, Any], found: Mapping[str, Any], what: str,
                             hint: str = "rerun step C with these settings") -> None:
     """Refuse assignment maps made with other features or models, naming the field."""
     check_provenance(expected["provenance"], found, what, hint)
-    check_fields(expected, found, ASSIGNMENT_FIELDS, what, hint)
+    # BoW records carry no kernel fields (they predate kernels): missing means bow
+    bow = {"kernel": "bow", "asmk_bits": None}
+    check_fields({**bow, **expected}, {**bow, **found}, ASSIGNMENT_FIELDS + tuple(bow), what,
+                 hint)
 
 
 def load_models(settings: Mapping[str, Any]) -> tuple[PCAWhitening, Codebook]:

@@ -134,6 +134,15 @@ SCHEMA: tuple[Key, ...] = (
     Key("weighting", "str", "centre_prior", "database word weights: centre_prior (Oxford/"
         "Paris in the paper) or counts (TRECVid)", "C", choices=("centre_prior", "counts")),
     Key("idf", "bool", False, "multiply by idf = log(N/df) (the paper used none)", "C"),
+    Key("kernel", "str", "bow", "match kernel: bow (the paper: weighted word histograms) or "
+        "asmk (aggregated selective match kernel: per image and word, the sign bits of the "
+        "summed residuals, compared by Hamming similarity)", "C", choices=("bow", "asmk")),
+    Key("asmk_bits", "int", None, "asmk: bits per signature, the first PCA dimensions "
+        "(null: all of pca_dim)", "C", nullable=True),
+    Key("query_ma", "int", 5, "asmk: words per query feature (multiple assignment)", "D"),
+    Key("asmk_alpha", "float", 3.0, "asmk: selectivity exponent alpha of sim**alpha", "D"),
+    Key("asmk_tau", "float", 0.0, "asmk: similarity threshold tau (word pairs below it "
+        "count 0)", "D"),
     Key("stream_distractors", "bool", False, "extract + assign the distractors in one pass "
         "and keep only their assignment maps (no float maps on disk)", "A"),
     # ---- step D

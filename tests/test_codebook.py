@@ -167,3 +167,26 @@ def test_save_load_roundtrip(tmp_path):
     with pytest.raises(UserError, match="float32"):
         Codebook.load(tmp_path / "bad.npy")
 
+
+
+def _brute_k(x: np.ndarray, c: np.ndarray, k: int) -> np.ndarray:
+    d = ((x[:, None, :].astype(np.float64) - c[None]) ** 2).sum(-1)
+    return np.argsort(d, axis=1, kind="stable")[:, :k]
+
+
+def test_nearest_words_exact_and_approximate():
+    """ASMK's query multiple assignment: the k nearest words, nearest first."""
+    cents = _isotropic(1500, 36, 5)
+    x = _isotropic(400, 36, 6)
+    ref = _brute_k(x, cents, 5)
+    np.testing.assert_array_equal(Codebook(cents).nearest(x, 5), ref)
+    approx = Codebook(cents, mode="approximate")
+    approx.n_candidates = len(cents)  # a shortlist of every word: exactly the brute force
+    np.testing.assert_array_equal(approx.nearest(x, 5), ref)
+    assert approx._searcher().index.k_factor == len(cents)  # restored for assign
+    approx.n_candidates = 64
+    got = approx.nearest(x, 5)
+    assert np.mean(got[:, 0] == ref[:, 0]) >= 0.9
+    np.testing.assert_array_equal(Codebook(cents).nearest(x, 1)[:, 0], _brute(x, cents))
+    with pytest.raises(UserError):
+        Codebook(cents).nearest(x, 0)

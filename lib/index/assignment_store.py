@@ -8,7 +8,10 @@ carries its shape and the original image size.
 Layout: key = image id (UTF-8). Value = 24-byte little-endian header
 ``<4s B 3x I I I I>``: magic ``ASG1``, dtype code (1 = uint16, 2 = uint32), map height H,
 map width W, original image height H0 and width W0 (after EXIF orientation), followed by
-the H x W word map, row-major, in that dtype (uint16 when K <= 65,536). The reserved key
+the H x W word map, row-major, in that dtype (uint16 when K <= 65,536). With
+``kernel = asmk`` the magic is ``ASG2`` and the map is followed by the image's ASMK
+signatures: ``<I I>`` m (distinct words) and n (bytes per signature), m uint32 word ids
+(ascending), then m x n signature bytes (lib/index/asmk.py). The reserved key
 ``__meta__`` holds the JSON metadata (feature provenance, PCA and codebook hashes,
 new_dim, assignment mode, count).
 """
@@ -27,6 +30,9 @@ import numpy as np
 from lib.errors import UserError
 
 MAGIC = b"ASG1"
+MAGIC_SIG = b"ASG2"  # a map followed by its ASMK signatures
+SIG_HEADER = struct.Struct("<II")
+Signature = tuple[np.ndarray, np.ndarray]  # (words uint32 (m,), signatures uint8 (m, n))
 HEADER = struct.Struct("<4sB3xIIII")
 META_KEY = b"__meta__"
 _CODES = {1: np.dtype("<u2"), 2: np.dtype("<u4")}
@@ -34,8 +40,10 @@ _DTYPE_CODE = {np.dtype("<u2"): 1, np.dtype("<u4"): 2}
 MAP_SIZE = 1 << 40  # virtual address space only; the file grows with the data
 
 
-def encode(words: np.ndarray, orig_hw: tuple[int, int]) -> bytes:
-    """Header + row-major map; words must already fit their dtype (uint16/uint32)."""
+def encode(words: np.ndarray, orig_hw: tuple[int, int],
+           signature: Signature | None = None) -> bytes:
+    """Header + row-major map (+ the ASMK signatures); words must already fit their dtype
+    (uint16/uint32)."""
     w = np.asarray(words)
     if w.ndim != 2:
         raise ValueError(f"assignment map must be (H, W), got shape {w.shape}")
@@ -45,22 +53,55 @@ def encode(words: np.ndarray, orig_hw: tuple[int, int]) -> bytes:
         if w.size and int(w.min()) < 0:
             raise ValueError("word ids must be >= 0")
         dt = np.dtype("<u2") if w.size == 0 or int(w.max()) < 65536 else np.dtype("<u4")
-    return HEADER.pack(MAGIC, _DTYPE_CODE[dt], w.shape[0], w.shape[1], int(orig_hw[0]),
-                       int(orig_hw[1])) + np.ascontiguousarray(w, dt).tobytes()
+    body = np.ascontiguousarray(w, dt).tobytes()
+    magic, tail = MAGIC, b""
+    if signature is not None:
+        uw, sig = np.asarray(signature[0]), np.asarray(signature[1], np.uint8)
+        if sig.ndim != 2 or uw.shape != (sig.shape[0],):
+            raise ValueError(f"signatures {sig.shape} do not match words {uw.shape}")
+        magic = MAGIC_SIG
+        tail = (SIG_HEADER.pack(sig.shape[0], sig.shape[1]) + uw.astype("<u4").tobytes()
+                + np.ascontiguousarray(sig).tobytes())
+    return HEADER.pack(magic, _DTYPE_CODE[dt], w.shape[0], w.shape[1], int(orig_hw[0]),
+                       int(orig_hw[1])) + body + tail
 
 
 def decode(buf: bytes | memoryview, what: str) -> tuple[np.ndarray, tuple[int, int]]:
     if len(buf) < HEADER.size:
         raise UserError(f"{what}: truncated assignment record")
     magic, code, h, w, h0, w0 = HEADER.unpack_from(buf)
-    if magic != MAGIC or code not in _CODES:
+    if magic not in (MAGIC, MAGIC_SIG) or code not in _CODES:
         raise UserError(f"{what}: not an assignment record (magic {magic!r}, dtype {code})")
     dt = _CODES[code]
-    if len(buf) != HEADER.size + h * w * dt.itemsize:
+    end = HEADER.size + h * w * dt.itemsize
+    if len(buf) != end + _tail_size(buf, end, magic, what):
         raise UserError(f"{what}: assignment record has {len(buf)} bytes, expected "
-                        f"{HEADER.size + h * w * dt.itemsize}")
+                        f"{end + _tail_size(buf, end, magic, what)}")
     words = np.frombuffer(buf, dt, count=h * w, offset=HEADER.size).reshape(h, w)
     return words.astype(dt.newbyteorder("="), copy=True), (int(h0), int(w0))
+
+
+def _tail_size(buf: bytes | memoryview, end: int, magic: bytes, what: str) -> int:
+    if magic == MAGIC:
+        return 0
+    if len(buf) < end + SIG_HEADER.size:
+        raise UserError(f"{what}: truncated assignment record (signatures)")
+    m, n = SIG_HEADER.unpack_from(buf, end)
+    return SIG_HEADER.size + 4 * m + m * n
+
+
+def decode_signature(buf: bytes | memoryview, what: str) -> Signature | None:
+    """The ASMK signatures of a record (None for a record without them)."""
+    decode(buf, what)  # validates the whole record
+    magic, code, h, w = HEADER.unpack_from(buf)[:4]
+    if magic != MAGIC_SIG:
+        return None
+    end = HEADER.size + h * w * _CODES[code].itemsize
+    m, n = SIG_HEADER.unpack_from(buf, end)
+    o = end + SIG_HEADER.size
+    uw = np.frombuffer(buf, "<u4", m, o).astype(np.uint32)
+    sig = np.frombuffer(buf, np.uint8, m * n, o + 4 * m).reshape(m, n).copy()
+    return uw, sig
 
 
 class AssignmentStore:
@@ -107,10 +148,11 @@ class AssignmentStore:
         if self.readonly:
             raise RuntimeError(f"{self.path}: opened read-only")
 
-    def put_many(self, records: list[tuple[str, np.ndarray, tuple[int, int]]]) -> None:
-        """Write (image id, words (H, W), (H0, W0)) records in one transaction."""
+    def put_many(self, records: list[tuple[Any, ...]]) -> None:
+        """Write (image id, words (H, W), (H0, W0)[, signature]) records in one
+        transaction."""
         self._writable()
-        values = [(i.encode("utf-8"), encode(w, hw)) for i, w, hw in records]
+        values = [(r[0].encode("utf-8"), encode(*r[1:])) for r in records]
         if any(k == META_KEY for k, _ in values):
             raise UserError(f"image id '{META_KEY.decode()}' is reserved")
         with self.env.begin(write=True) as txn:
@@ -125,6 +167,15 @@ class AssignmentStore:
                 raise UserError(f"image '{image_id}' is not in the assignment store "
                                 f"{self.path} (rerun step C)")
             return decode(buf, f"{self.path} image '{image_id}'")
+
+    def get_signature(self, image_id: str) -> Signature | None:
+        """(words, signatures) of one image's ASMK record, None when it has none."""
+        with self.env.begin(buffers=True) as txn:
+            buf = txn.get(image_id.encode("utf-8"))
+            if buf is None or image_id.encode("utf-8") == META_KEY:
+                raise UserError(f"image '{image_id}' is not in the assignment store "
+                                f"{self.path} (rerun step C)")
+            return decode_signature(buf, f"{self.path} image '{image_id}'")
 
     def __contains__(self, image_id: object) -> bool:
         if not isinstance(image_id, str) or image_id.encode("utf-8") == META_KEY:

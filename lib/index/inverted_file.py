@@ -41,7 +41,7 @@ import logging
 import os
 import shutil
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,11 @@ log = logging.getLogger(__name__)
 FORMAT = "blcf-inverted-file"
 FORMAT_VERSION = 1
 PART_FORMAT = "blcf-inverted-file-partition"
+# kernel = asmk: postings of the aggregated images (one per image and distinct word)
+ASMK_OFFSETS = "asmk_offsets.npy"  # int64 (n_words + 1,)
+ASMK_DOCS = "asmk_docs.npy"  # uint32 (n_asmk_postings,), ascending within a word
+ASMK_SIGNATURES = "asmk_signatures.npy"  # uint8 (n_asmk_postings, bytes)
+ASMK_NORMS = "asmk_norms.npy"  # float32 (n_docs,): 1/sqrt(number of words of the image)
 WEIGHT_SCALE = 65535  # uint16 fixed point: stored = round(weight * WEIGHT_SCALE)
 # Postings held in memory before a partition is flushed (~12 bytes each while building,
 # ~3x that during the sort): 2**25 postings is ~1.2 GB peak, ~30k images of 1,000 words.
@@ -380,17 +385,25 @@ class InvertedFile:
         self._docs, self._weights = np.asarray(docs), np.asarray(weights)
         self._df = np.diff(offsets)
         self._kernels: Any = False  # _run_kernels(): not looked up yet
+        # kernel = asmk: its own postings, a signature each, and 1/sqrt(n_d) per image
+        self.asmk_offsets: np.ndarray | None = None
+        self.asmk_docs: np.ndarray | None = None
+        self.asmk_signatures: np.ndarray | None = None
+        self.asmk_norms: np.ndarray | None = None
 
     # ---- building
     @classmethod
     def build(cls, out_dir: Path, vectors: Iterable[SparseVec], n_words: int,
               image_ids: Sequence[str], meta: dict, idf: bool = False,
               partition_postings: int = DEFAULT_PARTITION_POSTINGS,
-              block_postings: int = MERGE_BLOCK_POSTINGS) -> InvertedFile:
+              block_postings: int = MERGE_BLOCK_POSTINGS,
+              finish: Callable[[Path], None] | None = None) -> InvertedFile:
         """Build from one L2-normalised sparse vector per image, in database order.
 
         Consumes ``vectors`` lazily: chunks of ``partition_postings`` postings become
-        partitions inside the folder being written, then one streaming merge."""
+        partitions inside the folder being written, then one streaming merge.
+        ``finish(folder)`` adds files to the folder before it is renamed into place (the
+        ASMK signatures), so the index appears whole or not at all."""
         out_dir = Path(out_dir)
         with atomic_path(out_dir) as tmp:
             tmp.mkdir(parents=True)
@@ -406,6 +419,8 @@ class InvertedFile:
             log.debug("built %d partitions", len(parts))
             _merge_into(tmp, parts, image_ids, meta, idf, block_postings)
             shutil.rmtree(tmp / "parts")
+            if finish is not None:
+                finish(tmp)
         return cls.load(out_dir)
 
     # ---- loading
@@ -447,7 +462,21 @@ class InvertedFile:
         docs = arr("docs.npy", np.uint32, (n_post,))
         weights = arr("weights.npy", np.uint16, (n_post,))
         idf = np.array(arr("idf.npy", np.float32, (n_words,))) if h.get("idf") else None
-        return cls(path, h, ids, offsets, docs, weights, idf)
+        inv = cls(path, h, ids, offsets, docs, weights, idf)
+        if (path / ASMK_SIGNATURES).exists():
+            a_off = np.array(arr(ASMK_OFFSETS, np.int64, (n_words + 1,)))
+            n_a = int(a_off[-1])
+            if a_off[0] != 0 or np.any(np.diff(a_off) < 0):
+                raise UserError(f"{path / ASMK_OFFSETS}: not a valid offsets array")
+            sigs = load_npy(path / ASMK_SIGNATURES, mmap=True)
+            if sigs.dtype != np.uint8 or sigs.ndim != 2 or sigs.shape[0] != n_a:
+                raise UserError(f"{path / ASMK_SIGNATURES}: expected uint8 ({n_a}, n), "
+                                f"found {sigs.dtype} {sigs.shape}")
+            inv.asmk_offsets = a_off
+            inv.asmk_docs = np.asarray(arr(ASMK_DOCS, np.uint32, (n_a,)))
+            inv.asmk_signatures = sigs
+            inv.asmk_norms = np.array(arr(ASMK_NORMS, np.float32, (n_docs,)))
+        return inv
 
     def check_meta(self, expected: Mapping[str, Any], fields: Iterable[str],
                    hint: str = "rerun step C") -> None:
@@ -576,6 +605,20 @@ class InvertedFile:
         Ties (zero-score images included) keep database order."""
         s = self.scores(q)
         return rank_scores(s), s
+
+    def asmk_scores(self, words: np.ndarray, signatures: np.ndarray, alpha: float,
+                    tau: float, n_bits: int) -> np.ndarray:
+        """kernel = asmk: scores (float32, database order) of one aggregated query
+        (:func:`lib.index.asmk.aggregate`) against this index's signatures."""
+        from lib.index.asmk import score_postings
+
+        if (self.asmk_signatures is None or self.asmk_norms is None
+                or self.asmk_offsets is None or self.asmk_docs is None):
+            raise UserError(f"{self.path}: this index has no ASMK signatures (built with "
+                            "kernel = bow); rerun step C with kernel = asmk")
+        return score_postings(words, signatures, self.asmk_offsets, self.asmk_docs,
+                              self.asmk_signatures, self.asmk_norms, self.n_docs, alpha,
+                              tau, n_bits, per_doc=True)
 
     def search_top(self, q: SparseVec, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The first ``k`` entries of :meth:`search`'s order (same tie rule), and all

@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from lib.artefacts import library_versions, output_lock
 from lib.errors import ArtefactMismatchError, UserError
+from lib.index.asmk import aggregate
 from lib.index.assignment_store import AssignmentStore
 from lib.index.bow import SparseVec
 from lib.index.encoding import database_vector, word_dtype
@@ -106,6 +107,7 @@ def assign_all(todo: list[str], reader: Any, sizes: dict[str, tuple[int, int]],
                cb: Codebook, out: AssignmentStore) -> int:
     """Assign ``todo`` in batches (one codebook call and one transaction per batch)."""
     dt = word_dtype(cb.k)
+    n_bits = out.meta.get("asmk_bits")  # kernel = asmk: signatures go with the maps
     done = 0
     with tqdm(total=len(todo), desc="assigning", unit="img", mininterval=2.0,
               disable=None) as bar:
@@ -118,12 +120,60 @@ def assign_all(todo: list[str], reader: Any, sizes: dict[str, tuple[int, int]],
                 if len(feats) != n:
                     raise UserError(f"image '{image_id}': {len(feats)} local features for a "
                                     f"{hw[0]}x{hw[1]} map")
-                records.append((image_id, words[o:o + n].reshape(hw).astype(dt), orig))
+                w = words[o:o + n]
+                sig = None if n_bits is None else aggregate(feats, w, cb.centroids, n_bits)
+                records.append((image_id, w.reshape(hw).astype(dt), orig, sig))
                 o += n
             out.put_many(records)
             done += len(batch)
             bar.update(len(batch))
     return done
+
+
+def write_signatures(folder: Path, asg: AssignmentStore, present: list[str],
+                     n_bits: int, n_words: int) -> None:
+    """kernel = asmk: the postings of the aggregated images (one per image and distinct
+    word, word-major, docs ascending, like the BoW postings), each with its signature,
+    and each image's 1/sqrt(number of words). Their own offsets and docs because BoW
+    drops words whose weight is zero (centre prior at the border) and ASMK keeps every
+    word. Two passes over the assignment store: counts, then a cursor per word places
+    each image's postings straight into memory-mapped arrays, in bounded memory."""
+    from numpy.lib.format import open_memmap
+
+    from lib.index.asmk import signature_bytes
+    from lib.index.inverted_file import ASMK_DOCS, ASMK_NORMS, ASMK_OFFSETS, ASMK_SIGNATURES
+
+    def signatures() -> Iterator[tuple[int, str, np.ndarray, np.ndarray]]:
+        for d, image_id in enumerate(present):
+            sig = asg.get_signature(image_id)
+            if sig is None or sig[1].shape[1] != signature_bytes(n_bits):
+                raise UserError(f"{asg.path}: image '{image_id}' has no {n_bits}-bit ASMK "
+                                "signatures; delete the assignment store and rerun step C")
+            yield d, image_id, sig[0].astype(np.int64), sig[1]
+
+    counts = np.zeros(n_words, np.int64)
+    for _, _, uw, _ in signatures():
+        counts[uw] += 1
+    offsets = np.zeros(n_words + 1, np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    n_post = int(offsets[-1])
+    docs = open_memmap(folder / ASMK_DOCS, "w+", np.uint32, (n_post,))
+    sigs = open_memmap(folder / ASMK_SIGNATURES, "w+", np.uint8,
+                       (n_post, signature_bytes(n_bits)))
+    norms = np.zeros(len(present), np.float32)
+    cursor = offsets[:-1].copy()
+    for d, _, uw, sg in tqdm(signatures(), total=len(present), desc="ASMK signatures",
+                             unit="img", mininterval=2.0, disable=None):
+        pos = cursor[uw]
+        docs[pos] = d
+        sigs[pos] = sg
+        cursor[uw] += 1
+        norms[d] = 1.0 / np.sqrt(uw.size) if uw.size else 0.0
+    docs.flush()
+    sigs.flush()
+    del docs, sigs
+    np.save(folder / ASMK_OFFSETS, offsets, allow_pickle=False)
+    np.save(folder / ASMK_NORMS, norms, allow_pickle=False)
 
 
 def build_index(settings: Settings) -> StepResult:
@@ -175,8 +225,12 @@ def build_index(settings: Settings) -> StepResult:
 
             meta = {**expected, "weighting": s.weighting, "idf": s.idf,
                     "n_missing": len(missing), **_extra_meta(s)}
+            finish = None
+            if "asmk_bits" in expected:
+                def finish(folder: Path) -> None:
+                    write_signatures(folder, asg, present, int(expected["asmk_bits"]), cb.k)
             inv = InvertedFile.build(out_dir / "index", vectors(), cb.k, present, meta,
-                                     idf=s.idf)
+                                     idf=s.idf, finish=finish)
         finally:
             asg.close()
     lines = []

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from lib.errors import UserError
+from lib.index.asmk import aggregate
 from lib.index.assignment_store import HEADER as ASG_HEADER
 from lib.index.assignment_store import META_KEY as ASG_META_KEY
 from lib.index.assignment_store import AssignmentStore
@@ -109,11 +110,14 @@ class AssigningSink:
             feats.append(f)
             shapes.append(hw)
         words = self.codebook.assign(np.concatenate(feats))
+        n_bits = self.store.meta.get("asmk_bits")  # kernel = asmk: signatures too
         out, o = [], 0
-        for (image_id, _, _), hw in zip(records, shapes):
+        for (image_id, _, _), hw, f in zip(records, shapes, feats):
             n = hw[0] * hw[1]
-            out.append((image_id, words[o:o + n].reshape(hw).astype(self.dt),
-                        self.mem.maps[image_id][1]))
+            w = words[o:o + n]
+            sig = None if n_bits is None else aggregate(f, w, self.codebook.centroids, n_bits)
+            out.append((image_id, w.reshape(hw).astype(self.dt), self.mem.maps[image_id][1],
+                        sig))
             o += n
         self.mem.maps.clear()
         self.store.put_many(out)

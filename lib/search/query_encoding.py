@@ -36,13 +36,15 @@ from PIL import Image
 from lib.artefacts import canonical_hash
 from lib.errors import UserError
 from lib.features.extraction import Extractor
+from lib.features.feature_store import FeatureStore
 from lib.features.images import load_image
-from lib.features.local_features import LocalFeatureReader
+from lib.features.local_features import LocalFeatureReader, maps_to_features
 from lib.groundtruth.loader import image_path
+from lib.index.asmk import aggregate, centroid_index, query_words
 from lib.index.assignment_store import AssignmentStore
 from lib.index.bow import SparseVec, bow_vector
 from lib.index.encoding import word_dtype, words_from_maps
-from lib.provenance import assignment_record, load_models
+from lib.provenance import asmk_bits, assignment_record, load_models
 from lib.search.augmentation import (
     Variant,
     transform_box,
@@ -98,6 +100,8 @@ class EncodedQuery:
     cells: Cells | None
     vector: SparseVec
     timings: dict[str, float] = field(default_factory=dict)
+    # kernel = asmk: (unique words, signatures) of the features inside the query region
+    asmk: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def map_hw(self) -> tuple[int, int]:
@@ -224,6 +228,10 @@ class QueryEncoder:
         self.db_store = db_store if same_root else None
         self._extractor: Extractor | None = None
         self.stats = {"cached": 0, "from_database": 0, "network": 0}
+        self._reader: LocalFeatureReader | bool | None = False  # not opened yet
+        if settings["kernel"] == "asmk":
+            self.asmk_bits = asmk_bits(settings, self.codebook.dim)
+            self._word_index = centroid_index(self.codebook.centroids)
 
     def close(self) -> None:
         self.cache.close()
@@ -307,6 +315,58 @@ class QueryEncoder:
         if vec[0].size == 0:
             raise UserError(f"query '{query.name}': no query words (box {query.bbox})")
         t2 = time.perf_counter()
+        asmk = None
+        if self.s["kernel"] == "asmk":
+            asmk = self.asmk_signature(query.image, weights[0], words[0].shape)
+        t3 = time.perf_counter()
         return EncodedQuery(query.name, query.image, hw, list(self.variants), words, weights,
                             cells, vec, {"encode": (t1 - t0) * 1000.0,
-                                         "vector": (t2 - t1) * 1000.0})
+                                         "vector": (t2 - t1) * 1000.0,
+                                         "asmk": (t3 - t2) * 1000.0}, asmk)
+
+    # ---- ASMK
+    def _features(self, image_id: str) -> tuple[np.ndarray, tuple[int, int]]:
+        """L2-PCA-L2 local features (H*W, D) of the query image itself and its map size:
+        from the database's feature store when the query is a database image (the
+        features its signatures were made from), else through the network."""
+        if self.db_store is not None and self._feature_reader() is not None:
+            reader = self._feature_reader()
+            if image_id in reader.store:
+                f, hw = reader.features_and_shape(image_id)
+                return np.asarray(f, np.float32), (int(hw[0]), int(hw[1]))
+        if self._extractor is None:
+            self._extractor = Extractor(self.s)
+        img = load_image(image_path(self.s, image_id, query=True),
+                         int(self.s["max_image_pixels"]))
+        maps = combined_maps(self._extractor.extract(img), list(self.s["layers"]),
+                             self.s["new_dim"])
+        return maps_to_features(maps, bool(self.s["l2norm"]), self.pca), maps.shape[1:]
+
+    def _feature_reader(self) -> LocalFeatureReader | None:
+        if self._reader is False:
+            path = FeatureStore.path_for(self.s)
+            self._reader = None
+            if (Path(path) / "data.mdb").is_file():
+                nd = self.s["new_dim"]
+                self._reader = LocalFeatureReader(FeatureStore(path),
+                                                  list(nd) if nd else None,
+                                                  l2norm=bool(self.s["l2norm"]), pca=self.pca)
+        return self._reader
+
+    def asmk_signature(self, image_id: str, weights: np.ndarray | None,
+                       map_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """The query's ASMK signatures: its features inside the query region (cells with a
+        positive mask weight; all without a box) assigned to their ``query_ma`` nearest
+        words, residuals summed per word and binarised."""
+        feats, hw = self._features(image_id)
+        if tuple(hw) != tuple(map_hw):
+            raise UserError(f"query '{image_id}': features of a {hw[0]}x{hw[1]} map, but its "
+                            f"assignment map is {map_hw[0]}x{map_hw[1]}; rerun step D")
+        if weights is not None:
+            feats = feats[np.asarray(weights).ravel() > 0]
+        k = int(self.s["query_ma"])
+        # exact search: the reference's own (asmk.query_words); approximate: the
+        # database's tuned shortlist, k words deep
+        words = (self.codebook.nearest(feats, k) if self.codebook.mode == "approximate"
+                 else query_words(self._word_index, feats, k))
+        return aggregate(feats, words, self.codebook.centroids, self.asmk_bits)

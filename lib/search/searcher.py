@@ -108,10 +108,22 @@ class BowSearcher:
             self._db_vec_cache[i] = database_vector(w, self.s["weighting"], self.n_words)
         return self._db_vec_cache[i]
 
+    def _first_stage(self, eq: EncodedQuery) -> tuple[np.ndarray, np.ndarray]:
+        """The inverted file's ranking of the query: BoW, or with kernel = asmk the
+        selective match kernel on the query's signatures."""
+        if self.s["kernel"] != "asmk":
+            return self.index.search(eq.vector)
+        if eq.asmk is None:
+            raise ValueError("kernel asmk: the query was encoded without signatures")
+        s = self.index.asmk_scores(eq.asmk[0], eq.asmk[1], float(self.s["asmk_alpha"]),
+                                   float(self.s["asmk_tau"]),
+                                   int(self.index.meta["asmk_bits"]))
+        return rank_scores(s), s
+
     def rank(self, eq: EncodedQuery) -> Ranked:
         t: dict[str, float] = {"search": 0.0, "rerank": 0.0, "qe": 0.0}
         t0 = time.perf_counter()
-        order, scores = self.index.search(eq.vector)
+        order, scores = self._first_stage(eq)
         t["search"] += time.perf_counter() - t0
         locs, windows = None, {}
         if self.s["rerank"]:

@@ -146,7 +146,7 @@ def bow_rankings(settings: Any, gt: Any, out_dir: Any, progress: Any = None) -> 
         scores = np.full((n_q, n_db), -1.0, np.float32)
         orders = np.zeros((n_q, n_db), np.int64)
         locs: dict[str, list[dict]] = {}
-        stage = {"encode": 0.0, "vector": 0.0, "search": 0.0, "rerank": 0.0, "qe": 0.0}
+        stage = {"encode": 0.0, "vector": 0.0, "asmk": 0.0, "search": 0.0, "rerank": 0.0, "qe": 0.0}
         t_start = time.perf_counter()
         queries = gt.queries if progress is None else progress(
             gt.queries, desc="queries", unit="q", disable=None)

@@ -436,6 +436,31 @@ class Codebook:
             return np.zeros(0, np.int64)
         return _chunked(self._searcher(), x)[0]
 
+    def nearest(self, x: np.ndarray, k: int) -> np.ndarray:
+        """The ``k`` nearest words of each row of ``x``, (n, k) int64, nearest first
+        (ASMK's query multiple assignment): exact search, or in approximate mode the best
+        ``k`` of a shortlist of ``max(n_candidates, 2k)`` words re-ranked exactly."""
+        x = np.ascontiguousarray(x, np.float32)
+        k = int(k)
+        if x.ndim != 2 or x.shape[1] != self.dim or not 1 <= k <= self.k:
+            raise UserError(f"codebook of {self.k} {self.dim}-D words cannot give {k} "
+                            f"nearest words of features of shape {x.shape}")
+        index = getattr(self._searcher(), "index", None)
+        if index is None:  # the torch CUDA search: a flat index on the CPU
+            index = faiss.IndexFlatL2(self.dim)
+            index.add(self.centroids)
+        out = np.empty((len(x), k), np.int64)
+        if self._approximate:
+            index.k_factor = float(max(self.n_candidates / k, 2.0))
+            x = _pad(x, index.d)
+        try:
+            for s in range(0, len(x), _CHUNK):
+                out[s:s + _CHUNK] = index.search(x[s:s + _CHUNK], k)[1]
+        finally:
+            if self._approximate:
+                index.k_factor = float(self.n_candidates)
+        return out
+
     def exact_assign(self, x: np.ndarray) -> np.ndarray:
         """Brute-force nearest word, whatever the mode (reference for agreement)."""
         return _chunked(self._exact_search(), np.asarray(x, np.float32))[0]
