@@ -139,6 +139,11 @@ SCHEMA: tuple[Key, ...] = (
         "summed residuals, compared by Hamming similarity)", "C", choices=("bow", "asmk")),
     Key("asmk_bits", "int", None, "asmk: bits per signature, the first PCA dimensions "
         "(null: all of pca_dim)", "C", nullable=True),
+    Key("asmk_weighting", "str", "uniform", "asmk: word weights in the kernel: uniform (the "
+        "reference: every matching word counts sim**alpha, images normalised by their "
+        "number of words) or bow (each word weighted as in the BoW vectors: the database's "
+        "`weighting`, the query's cell counts or box weights)", "C",
+        choices=("uniform", "bow")),
     Key("query_ma", "int", 5, "asmk: words per query feature (multiple assignment)", "D"),
     Key("asmk_alpha", "float", 3.0, "asmk: selectivity exponent alpha of sim**alpha", "D"),
     Key("asmk_tau", "float", 0.0, "asmk: similarity threshold tau (word pairs below it "

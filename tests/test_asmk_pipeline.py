@@ -70,7 +70,7 @@ def test_index_holds_the_signatures_of_every_image(asmk_run: tuple[Path, Path]) 
     np.testing.assert_array_equal(inv.asmk_offsets, offsets)
     np.testing.assert_array_equal(inv.asmk_docs, docs)
     np.testing.assert_array_equal(inv.asmk_signatures, sigs)
-    np.testing.assert_array_equal(inv.asmk_norms[docs], weights)
+    np.testing.assert_array_equal(inv.asmk_weights, weights)
     # the assignment store keeps them with each word map
     with AssignmentStore(root / "run" / "assignments.lmdb") as st:
         for i, (uw, sg) in zip(ids, images):
@@ -104,6 +104,26 @@ def test_step_d_ranks_by_the_kernel(asmk_run: tuple[Path, Path]) -> None:
             assert scores[qi].max() > 0
     finally:
         enc.close()
+
+
+def test_weighted_kernel_with_flat_selectivity_is_the_papers_bow(tmp_path: Path) -> None:
+    """asmk_weighting = bow weighs each word as the BoW vectors do; with sigma = 1 for
+    every pair (alpha 0, tau -1) and one word per query feature it is BoW's cosine."""
+    s = make_dataset(tmp_path, new_dim=[6, 4])
+    run_pipeline(s, "ABCD")
+    bow = np.load(tmp_path / "run" / "bow" / "scores.npy")
+    flat = ("kernel=asmk", "asmk_weighting=bow", "asmk_alpha=0", "asmk_tau=-1",
+            "query_ma=1")
+    call_step("C", s, *flat)
+    call_step("D", s, *flat)
+    weighted = np.load(tmp_path / "run" / "bow" / "scores.npy")
+    # the BoW index stores weights in 16-bit fixed point, the ASMK postings in float32
+    np.testing.assert_allclose(weighted, bow, atol=2e-4)
+    assert np.array_equal(np.argsort(-weighted, axis=1)[:, :3], np.argsort(-bow, axis=1)[:, :3])
+    call_step("D", s, *flat[:2])  # the reference selectivity: other scores
+    assert not np.allclose(np.load(tmp_path / "run" / "bow" / "scores.npy"), bow, atol=1e-3)
+    err = refusal("D", s, "kernel=asmk")  # index made with the other word weights
+    assert "asmk_weighting" in str(err)
 
 
 def test_bow_records_are_unchanged_by_kernels(tmp_path: Path) -> None:
@@ -177,7 +197,8 @@ def test_streamed_distractors_get_signatures(tmp_path: Path) -> None:
     assert streamed and s_recs == n_recs
     assert all(decode_signature(s_recs[k], "x") is not None for k in streamed)
     a, b = files_of(tmp_path / "run_n" / "index"), files_of(tmp_path / "run_s" / "index")
-    for name in ("asmk_offsets.npy", "asmk_docs.npy", "asmk_signatures.npy", "asmk_norms.npy"):
+    for name in ("asmk_offsets.npy", "asmk_docs.npy", "asmk_signatures.npy",
+                 "asmk_weights.npy"):
         assert a[name] == b[name], name
 
 

@@ -286,13 +286,17 @@ def doc_weights(docs: np.ndarray, n_docs: int) -> np.ndarray:
 def score_postings(query_words: np.ndarray, query_sigs: np.ndarray, offsets: np.ndarray,
                    docs: np.ndarray, sigs: np.ndarray, weights: np.ndarray, n_docs: int,
                    alpha: float = DEFAULT_ALPHA, tau: float = DEFAULT_TAU,
-                   n_bits: int | None = None, *, per_doc: bool | None = None) -> np.ndarray:
+                   n_bits: int | None = None, *, per_doc: bool | None = None,
+                   query_weights: np.ndarray | None = None) -> np.ndarray:
     """ASMK scores (float32 (n_docs,)) of one aggregated query against the postings.
 
     ``query_words``/``query_sigs``: :func:`aggregate`'s output for the query (unique
     words). ``weights``: per posting (n_postings,) or per doc (n_docs,); ``per_doc``
     says which, or None to tell by length (an error when both lengths agree).
     ``n_bits``: the signatures' bits (default: 8 * their bytes); it sets ``B``.
+    ``query_weights``: one weight per query word instead of the reference's uniform
+    1/sqrt(n_q) (a weighted kernel: BLCF's word weights on both sides, see the
+    ``asmk_weighting`` setting).
 
     Vectorised: one index array gathers every posting run ``offsets[w]:offsets[w+1]`` of
     the query's words (``np.repeat`` of the run starts + ``arange``), the query signature
@@ -322,6 +326,11 @@ def score_postings(query_words: np.ndarray, query_sigs: np.ndarray, offsets: np.
     if wts.size != (n_docs if per_doc else docs.size):
         raise ValueError(f"{wts.size} weights for {n_docs} docs / {docs.size} postings")
     table = kernel_table(n_bits, alpha, tau).astype(np.float64)
+    qwt = None
+    if query_weights is not None:
+        qwt = np.asarray(query_weights, np.float64).ravel()
+        if qwt.shape != qw.shape:
+            raise ValueError(f"{qwt.size} query weights for {qw.size} query words")
     lo = offsets[qw].astype(np.int64)
     lens = offsets[qw + 1].astype(np.int64) - lo
     ends = np.cumsum(lens)
@@ -346,6 +355,10 @@ def score_postings(query_words: np.ndarray, query_sigs: np.ndarray, offsets: np.
         d = np.asarray(docs[idx]).astype(np.int64)
         w = wts[d] if per_doc else np.asarray(wts[idx])
         contrib[p0:p1] = table[h] * w
+        if qwt is not None:
+            contrib[p0:p1] *= np.repeat(qwt[b0:b1], ln)
         dd[p0:p1] = d
     acc = np.bincount(dd, weights=contrib, minlength=n_docs)
+    if qwt is not None:
+        return acc.astype(np.float32)
     return (acc / np.sqrt(qw.size)).astype(np.float32)

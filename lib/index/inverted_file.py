@@ -61,7 +61,7 @@ PART_FORMAT = "blcf-inverted-file-partition"
 ASMK_OFFSETS = "asmk_offsets.npy"  # int64 (n_words + 1,)
 ASMK_DOCS = "asmk_docs.npy"  # uint32 (n_asmk_postings,), ascending within a word
 ASMK_SIGNATURES = "asmk_signatures.npy"  # uint8 (n_asmk_postings, bytes)
-ASMK_NORMS = "asmk_norms.npy"  # float32 (n_docs,): 1/sqrt(number of words of the image)
+ASMK_WEIGHTS = "asmk_weights.npy"  # float32 (n_asmk_postings,): the word's weight in the image
 WEIGHT_SCALE = 65535  # uint16 fixed point: stored = round(weight * WEIGHT_SCALE)
 # Postings held in memory before a partition is flushed (~12 bytes each while building,
 # ~3x that during the sort): 2**25 postings is ~1.2 GB peak, ~30k images of 1,000 words.
@@ -389,7 +389,7 @@ class InvertedFile:
         self.asmk_offsets: np.ndarray | None = None
         self.asmk_docs: np.ndarray | None = None
         self.asmk_signatures: np.ndarray | None = None
-        self.asmk_norms: np.ndarray | None = None
+        self.asmk_weights: np.ndarray | None = None
 
     # ---- building
     @classmethod
@@ -475,7 +475,7 @@ class InvertedFile:
             inv.asmk_offsets = a_off
             inv.asmk_docs = np.asarray(arr(ASMK_DOCS, np.uint32, (n_a,)))
             inv.asmk_signatures = sigs
-            inv.asmk_norms = np.array(arr(ASMK_NORMS, np.float32, (n_docs,)))
+            inv.asmk_weights = np.asarray(arr(ASMK_WEIGHTS, np.float32, (n_a,)))
         return inv
 
     def check_meta(self, expected: Mapping[str, Any], fields: Iterable[str],
@@ -607,18 +607,20 @@ class InvertedFile:
         return rank_scores(s), s
 
     def asmk_scores(self, words: np.ndarray, signatures: np.ndarray, alpha: float,
-                    tau: float, n_bits: int) -> np.ndarray:
+                    tau: float, n_bits: int, query_weights: np.ndarray | None = None
+                    ) -> np.ndarray:
         """kernel = asmk: scores (float32, database order) of one aggregated query
-        (:func:`lib.index.asmk.aggregate`) against this index's signatures."""
+        (:func:`lib.index.asmk.aggregate`) against this index's signatures; with
+        ``query_weights`` (one per query word) the weighted kernel."""
         from lib.index.asmk import score_postings
 
-        if (self.asmk_signatures is None or self.asmk_norms is None
+        if (self.asmk_signatures is None or self.asmk_weights is None
                 or self.asmk_offsets is None or self.asmk_docs is None):
             raise UserError(f"{self.path}: this index has no ASMK signatures (built with "
                             "kernel = bow); rerun step C with kernel = asmk")
         return score_postings(words, signatures, self.asmk_offsets, self.asmk_docs,
-                              self.asmk_signatures, self.asmk_norms, self.n_docs, alpha,
-                              tau, n_bits, per_doc=True)
+                              self.asmk_signatures, self.asmk_weights, self.n_docs, alpha,
+                              tau, n_bits, per_doc=False, query_weights=query_weights)
 
     def search_top(self, q: SparseVec, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The first ``k`` entries of :meth:`search`'s order (same tie rule), and all

@@ -131,17 +131,25 @@ def assign_all(todo: list[str], reader: Any, sizes: dict[str, tuple[int, int]],
 
 
 def write_signatures(folder: Path, asg: AssignmentStore, present: list[str],
-                     n_bits: int, n_words: int) -> None:
+                     n_bits: int, n_words: int, weighting: str | None = None) -> None:
     """kernel = asmk: the postings of the aggregated images (one per image and distinct
-    word, word-major, docs ascending, like the BoW postings), each with its signature,
-    and each image's 1/sqrt(number of words). Their own offsets and docs because BoW
+    word, word-major, docs ascending, like the BoW postings), each with its signature and
+    its weight: 1/sqrt(number of words of the image) (the reference kernel), or with
+    ``weighting`` (``asmk_weighting = bow``) the word's weight in the image's BoW vector
+    (``centre_prior`` or ``counts``, 0 for a word BoW drops). Their own offsets and docs
+    because BoW
     drops words whose weight is zero (centre prior at the border) and ASMK keeps every
     word. Two passes over the assignment store: counts, then a cursor per word places
     each image's postings straight into memory-mapped arrays, in bounded memory."""
     from numpy.lib.format import open_memmap
 
     from lib.index.asmk import signature_bytes
-    from lib.index.inverted_file import ASMK_DOCS, ASMK_NORMS, ASMK_OFFSETS, ASMK_SIGNATURES
+    from lib.index.inverted_file import (
+        ASMK_DOCS,
+        ASMK_OFFSETS,
+        ASMK_SIGNATURES,
+        ASMK_WEIGHTS,
+    )
 
     def signatures() -> Iterator[tuple[int, str, np.ndarray, np.ndarray]]:
         for d, image_id in enumerate(present):
@@ -160,20 +168,25 @@ def write_signatures(folder: Path, asg: AssignmentStore, present: list[str],
     docs = open_memmap(folder / ASMK_DOCS, "w+", np.uint32, (n_post,))
     sigs = open_memmap(folder / ASMK_SIGNATURES, "w+", np.uint8,
                        (n_post, signature_bytes(n_bits)))
-    norms = np.zeros(len(present), np.float32)
+    weights = open_memmap(folder / ASMK_WEIGHTS, "w+", np.float32, (n_post,))
     cursor = offsets[:-1].copy()
-    for d, _, uw, sg in tqdm(signatures(), total=len(present), desc="ASMK signatures",
+    for d, image_id, uw, sg in tqdm(signatures(), total=len(present), desc="ASMK signatures",
                              unit="img", mininterval=2.0, disable=None):
         pos = cursor[uw]
         docs[pos] = d
         sigs[pos] = sg
         cursor[uw] += 1
-        norms[d] = 1.0 / np.sqrt(uw.size) if uw.size else 0.0
-    docs.flush()
-    sigs.flush()
-    del docs, sigs
+        if weighting is None:
+            weights[pos] = 1.0 / np.sqrt(uw.size)
+        else:
+            idx, val = database_vector(asg.get(image_id)[0], weighting, n_words)
+            at = np.minimum(np.searchsorted(idx, uw), max(idx.size - 1, 0))
+            hit = idx[at] == uw if idx.size else np.zeros(uw.size, bool)
+            weights[pos] = np.where(hit, val[at] if idx.size else 0.0, 0.0)
+    for a in (docs, sigs, weights):
+        a.flush()
+    del docs, sigs, weights
     np.save(folder / ASMK_OFFSETS, offsets, allow_pickle=False)
-    np.save(folder / ASMK_NORMS, norms, allow_pickle=False)
 
 
 def build_index(settings: Settings) -> StepResult:
@@ -224,11 +237,13 @@ def build_index(settings: Settings) -> StepResult:
                     yield database_vector(asg.get(i)[0], s.weighting, cb.k)
 
             meta = {**expected, "weighting": s.weighting, "idf": s.idf,
+                    **({"asmk_weighting": s.asmk_weighting} if "kernel" in expected else {}),
                     "n_missing": len(missing), **_extra_meta(s)}
             finish = None
             if "asmk_bits" in expected:
                 def finish(folder: Path) -> None:
-                    write_signatures(folder, asg, present, int(expected["asmk_bits"]), cb.k)
+                    write_signatures(folder, asg, present, int(expected["asmk_bits"]), cb.k,
+                                     s.weighting if s.asmk_weighting == "bow" else None)
             inv = InvertedFile.build(out_dir / "index", vectors(), cb.k, present, meta,
                                      idf=s.idf, finish=finish)
         finally:

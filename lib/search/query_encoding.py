@@ -100,8 +100,9 @@ class EncodedQuery:
     cells: Cells | None
     vector: SparseVec
     timings: dict[str, float] = field(default_factory=dict)
-    # kernel = asmk: (unique words, signatures) of the features inside the query region
-    asmk: tuple[np.ndarray, np.ndarray] | None = None
+    # kernel = asmk: (unique words, signatures, word weights or None) of the features
+    # inside the query region
+    asmk: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None
 
     @property
     def map_hw(self) -> tuple[int, int]:
@@ -354,19 +355,29 @@ class QueryEncoder:
         return self._reader
 
     def asmk_signature(self, image_id: str, weights: np.ndarray | None,
-                       map_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+                       map_hw: tuple[int, int]
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """The query's ASMK signatures: its features inside the query region (cells with a
         positive mask weight; all without a box) assigned to their ``query_ma`` nearest
-        words, residuals summed per word and binarised."""
+        words, residuals summed per word and binarised; with ``asmk_weighting = bow``
+        also each word's weight, the sum of the cell weights of the features assigned to
+        it (counts without a box), L2-normalised, as the query's BoW vector weighs it."""
         feats, hw = self._features(image_id)
         if tuple(hw) != tuple(map_hw):
             raise UserError(f"query '{image_id}': features of a {hw[0]}x{hw[1]} map, but its "
                             f"assignment map is {map_hw[0]}x{map_hw[1]}; rerun step D")
-        if weights is not None:
-            feats = feats[np.asarray(weights).ravel() > 0]
+        cell_w = (np.ones(len(feats), np.float64) if weights is None
+                  else np.asarray(weights, np.float64).ravel())
+        keep = cell_w > 0
+        feats, cell_w = feats[keep], cell_w[keep]
         k = int(self.s["query_ma"])
         # exact search: the reference's own (asmk.query_words); approximate: the
         # database's tuned shortlist, k words deep
         words = (self.codebook.nearest(feats, k) if self.codebook.mode == "approximate"
                  else query_words(self._word_index, feats, k))
-        return aggregate(feats, words, self.codebook.centroids, self.asmk_bits)
+        uw, sig = aggregate(feats, words, self.codebook.centroids, self.asmk_bits)
+        if self.s["asmk_weighting"] != "bow":
+            return uw, sig, None
+        mass = np.bincount(words.ravel(), np.repeat(cell_w, words.shape[1]),
+                           minlength=self.n_words)[uw]
+        return uw, sig, mass / max(float(np.linalg.norm(mass)), 1e-12)

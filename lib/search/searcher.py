@@ -117,7 +117,7 @@ class BowSearcher:
             raise ValueError("kernel asmk: the query was encoded without signatures")
         s = self.index.asmk_scores(eq.asmk[0], eq.asmk[1], float(self.s["asmk_alpha"]),
                                    float(self.s["asmk_tau"]),
-                                   int(self.index.meta["asmk_bits"]))
+                                   int(self.index.meta["asmk_bits"]), eq.asmk[2])
         return rank_scores(s), s
 
     def rank(self, eq: EncodedQuery) -> Ranked:

@@ -137,6 +137,9 @@ def bow_rankings(settings: Any, gt: Any, out_dir: Any, progress: Any = None) -> 
         check_assignment_record(encoder.meta, index.meta, what)
         check_fields({"weighting": s["weighting"], "idf": bool(s["idf"])}, index.meta,
                      ("weighting", "idf"), what, "rerun step C with these settings")
+        if s["kernel"] == "asmk":
+            check_fields({"asmk_weighting": s["asmk_weighting"]}, index.meta,
+                         ("asmk_weighting",), what, "rerun step C with these settings")
         if int(index.n_words) != encoder.n_words:
             check_fields({"n_words": encoder.n_words}, {"n_words": int(index.n_words)},
                          ("n_words",), what, "rerun step C")
