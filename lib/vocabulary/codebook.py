@@ -439,7 +439,8 @@ class Codebook:
     def nearest(self, x: np.ndarray, k: int) -> np.ndarray:
         """The ``k`` nearest words of each row of ``x``, (n, k) int64, nearest first
         (ASMK's query multiple assignment): exact search, or in approximate mode the best
-        ``k`` of a shortlist of ``max(n_candidates, 2k)`` words re-ranked exactly."""
+        ``k`` of a shortlist of ``k * n_candidates`` words re-ranked exactly (the shortlist
+        tuned for one word, for each of the ``k``)."""
         x = np.ascontiguousarray(x, np.float32)
         k = int(k)
         if x.ndim != 2 or x.shape[1] != self.dim or not 1 <= k <= self.k:
@@ -451,14 +452,9 @@ class Codebook:
             index.add(self.centroids)
         out = np.empty((len(x), k), np.int64)
         if self._approximate:
-            index.k_factor = float(max(self.n_candidates / k, 2.0))
             x = _pad(x, index.d)
-        try:
-            for s in range(0, len(x), _CHUNK):
-                out[s:s + _CHUNK] = index.search(x[s:s + _CHUNK], k)[1]
-        finally:
-            if self._approximate:
-                index.k_factor = float(self.n_candidates)
+        for s in range(0, len(x), _CHUNK):
+            out[s:s + _CHUNK] = index.search(x[s:s + _CHUNK], k)[1]
         return out
 
     def exact_assign(self, x: np.ndarray) -> np.ndarray:
