@@ -165,6 +165,21 @@ SCHEMA: tuple[Key, ...] = (
     Key("query_expansion", "str", "none", "none, gqe (top images) or lqe (their best "
         "windows; needs rerank)", "D", choices=("none", "gqe", "lqe")),
     Key("qe_top", "int", 10, "how many top results query expansion averages", "D"),
+    Key("rerank_weighting", "str", "database", "re-ranking and QE verification: what a "
+        "cell adds to the window and query-box histograms: counts (the paper: 1 per cell) or "
+        "database (as in the database vectors: with weighting = centre_prior each window's "
+        "cells carry the candidate image's centre prior and the query box, the whole map in "
+        "GS, its own centre prior; with weighting = counts the same as counts)", "D",
+        choices=("counts", "database")),
+    Key("rerank_global", "str", "coarse", "re-ranking and QE verification of a query "
+        "without a box (GS): paper (its whole map as the box: every window, pyramid_levels "
+        "levels) or coarse (only the 7 windows covering at least half of a candidate, one "
+        "level: the photo's layout is not the object's)", "D", choices=("paper", "coarse")),
+    Key("qe_select", "str", "verified", "which of the top qe_top results query expansion "
+        "averages: top (the paper: all of them) or verified (those whose best-window score "
+        "is at least qe_verify times the best of them)", "D", choices=("top", "verified")),
+    Key("qe_verify", "float", 0.8, "qe_select = verified: keep a top result whose "
+        "best-window score is at least this fraction of the best one's (0: all)", "D"),
     Key("pooling", "str", "sum", "D_rankings_Pooling: sum, max, gem or rmac", "D",
         choices=("sum", "max", "gem", "rmac")),
     Key("gem_p", "float", 3.0, "GeM exponent", "D"),

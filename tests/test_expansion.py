@@ -59,3 +59,29 @@ def test_lqe_uses_the_best_windows():
     # LQE differs from GQE with the full images (the windows leave the background out)
     full = [bow_vector(m, K) for m in cands]
     assert not np.allclose(to_dense(gqe(q, full), K), expected, atol=1e-3)
+
+
+# ------------------------------------------------------------- verified neighbours
+
+
+def test_verified_keeps_results_close_to_the_best():
+    from lib.search.expansion import verified
+
+    s = [0.5, 0.45, 0.3, 0.41, 0.4]
+    assert verified(s, 0.8).tolist() == [True, True, False, True, True]
+    assert verified(s, 1.0).tolist() == [True, False, False, False, False]
+    # the best need not come first (the first-stage order is not the window order)
+    assert verified([0.2, 0.6, 0.5], 0.8).tolist() == [False, True, True]
+    # ratio 0: every result with a positive score; non-positive scores never pass
+    assert verified([0.3, 0.0, 0.1], 0.0).tolist() == [True, False, True]
+
+
+def test_verified_with_nothing_to_verify():
+    from lib.search.expansion import verified
+
+    assert verified([], 0.8).tolist() == []
+    assert verified([0.0, 0.0], 0.8).tolist() == [False, False]  # nothing shares a word
+    with pytest.raises(ValueError):
+        verified([0.3], 1.5)
+    with pytest.raises(ValueError):
+        verified([0.3], -0.1)

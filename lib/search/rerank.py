@@ -32,6 +32,22 @@ L2) of the window with the query box (weight 1/2) and of each window quadrant wi
 matching query quadrant (weight 1), divided by the sum of the weights (4.5), so scores lie
 in [0, 1] for any number of levels. ``levels = 1`` is the window cosine alone.
 
+Cell weights (``weighting``): ``counts`` is the paper's rule, every cell adds 1 to its
+word in the window and query-box histograms. ``centre_prior`` weights each candidate
+cell by the centre prior of its whole map (:func:`lib.index.bow.centre_prior`), so the
+full-map window is exactly the database vector the first search scored, and each query
+cell by the centre prior of the query box (of the whole map in GS); quadrants keep the
+weights of their cells. Why: with counts on both sides, the clutter around the object in
+a GS query matches the clutter of every candidate window; on the SMVS phone photos this
+turned a 0.462 first search into 0.359 after re-ranking, against 0.482 with the weights
+(benchmarks/README.md, "Re-ranking and query expansion: what loses and the fix").
+
+Window sets (``window_set``): ``all`` is the paper's 121 windows; ``large`` keeps the 7
+that span at least half of the lattice blocks (the full map, the 3 half-height and the 3
+half-width windows), used for queries without a box (``rerank_global = coarse``), whose
+layout is the photo's rather than the object's, so small windows only collect chance
+matches. The aspect-ratio filter and the full-map fallback apply to either set.
+
 Vectorisation (no loop over windows x words): cells are grouped into the 8 x 8 lattice
 blocks. A window's dot product with a query vector is the sum over its blocks of the
 per-block sums of the query weight of each cell's word. Its squared norm is
@@ -51,7 +67,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lib.index.bow import EMPTY, SparseVec
+from lib.index.bow import EMPTY, SparseVec, centre_prior
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +146,11 @@ def _window_table() -> dict[str, np.ndarray]:
 
 _WIN = _window_table()
 assert len(_WIN["I"]) == N_WINDOWS
+# windows covering at least half of the map (in lattice steps): the full map and the
+# half-height and half-width windows, 1 + 3 + 3 = 7 (``windows = "large"``)
+_LARGE = ((_WIN["r"][:, 1] - _WIN["r"][:, 0]) * (_WIN["c"][:, 1] - _WIN["c"][:, 0])
+          >= LATTICE * LATTICE // 2)
+WINDOW_SETS = ("all", "large")
 
 
 def lattice(side: int) -> np.ndarray:
@@ -175,7 +196,8 @@ def ar_mask(windows: np.ndarray, ar_query: float, ar_threshold: float) -> np.nda
 @dataclass
 class RerankResult:
     """Per candidate (in the order given): best window score, best window in its own map
-    cells ``(r0, c0, r1, c1)``, and that window's L2 count BoW (for LQE)."""
+    cells ``(r0, c0, r1, c1)``, and that window's L2 BoW (for LQE: counts, or with
+    ``weighting = centre_prior`` the sums of its cells' centre-prior weights)."""
 
     scores: np.ndarray  # (T,) float32
     windows: np.ndarray  # (T, 4) int64
@@ -215,11 +237,13 @@ class _Entries:
     ge: np.ndarray
 
 
-def _entries(words: np.ndarray, blk: np.ndarray) -> _Entries:
+def _entries(words: np.ndarray, blk: np.ndarray,
+             cell_weights: np.ndarray | None = None) -> _Entries:
     """Group the cells of T maps (T, n) by (word, map, block) without a comparison sort:
     cells are laid out map by map in block order, then one stable radix argsort on the
     word ids (16 bits for K <= 65,536) makes every (word, map) group contiguous with its
-    cells in block order."""
+    cells in block order. ``cnt`` is the number of cells of each entry, or with
+    ``cell_weights`` ((n,), the same for every map) the sum of their weights."""
     n = words.shape[1]
     perm = np.argsort(blk, kind="stable")
     bsorted = blk[perm].astype(np.int32)
@@ -233,7 +257,11 @@ def _entries(words: np.ndarray, blk: np.ndarray) -> _Entries:
     newe = newg.copy()
     newe[1:] |= bs[1:] != bs[:-1]
     es = np.flatnonzero(newe)
-    cnt = np.diff(np.r_[es, o.size]).astype(np.float64)
+    if cell_weights is None:
+        cnt = np.diff(np.r_[es, o.size]).astype(np.float64)
+    else:
+        wts = np.asarray(cell_weights, np.float64)[perm][o % n]
+        cnt = np.add.reduceat(wts, es) if es.size else np.zeros(0)
     ge = np.cumsum(newg)[es] - 1
     gs = np.flatnonzero(np.r_[True, ge[1:] != ge[:-1]])
     gn = np.diff(np.r_[gs, es.size])
@@ -288,7 +316,7 @@ def _norms(en: _Entries, T: int) -> np.ndarray:
 
 
 def _window_vectors(en: _Entries, T: int, best: np.ndarray) -> list[SparseVec]:
-    """L2 count BoW of each map's best window (lattice window index ``best``): the
+    """L2 BoW (summed entry weights) of each map's best window (lattice window index ``best``): the
     window is a union of blocks, so sum the entries inside it per (map, word)."""
     r, c = _WIN["r"][best], _WIN["c"][best]
     steps = np.arange(LATTICE)
@@ -303,20 +331,24 @@ def _window_vectors(en: _Entries, T: int, best: np.ndarray) -> list[SparseVec]:
     wid, tid = en.w[k[seg]].astype(np.int32), t[k[seg]]
     by_t = np.argsort(tid.astype(np.uint8) if T <= 256 else tid, kind="stable")
     wid, tid, val = wid[by_t], tid[by_t], val[by_t]  # map by map, words ascending
+    nz = val > 0  # cells of weight 0 (the centre prior's far corner) add no word
+    wid, tid, val = wid[nz], tid[nz], val[nz]
     sq = np.bincount(tid, weights=val * val, minlength=T)
     val = (val / np.sqrt(sq[tid])).astype(np.float32)
     bounds = np.searchsorted(tid, np.arange(T + 1))
     return [(wid[a:b], val[a:b]) for a, b in itertools.pairwise(bounds.tolist())]
 
 
-def _prepare(words: np.ndarray) -> tuple[_Entries, int]:
-    """Entries of T maps of one shape (T, h, w)."""
+def _prepare(words: np.ndarray, weighting: str = "counts") -> tuple[_Entries, int]:
+    """Entries of T maps of one shape (T, h, w); ``weighting`` = counts (the paper's
+    window BoW) or centre_prior (each cell weighted as in the database vector)."""
     T, h, w = words.shape
     rb, cb = lattice(h), lattice(w)
     rblk = np.searchsorted(rb, np.arange(h), side="right") - 1
     cblk = np.searchsorted(cb, np.arange(w), side="right") - 1
     blk = (rblk[:, None] * LATTICE + cblk[None, :]).ravel()
-    return _entries(words.reshape(T, h * w).astype(np.int64, copy=False), blk), T
+    cw = None if weighting == "counts" else centre_prior(h, w).ravel()
+    return _entries(words.reshape(T, h * w).astype(np.int64, copy=False), blk, cw), T
 
 
 def _all_scores(en: _Entries, T: int, qdense: np.ndarray, qnorm: np.ndarray,
@@ -352,47 +384,70 @@ def _all_scores(en: _Entries, T: int, qdense: np.ndarray, qnorm: np.ndarray,
 
 
 def _query_side(query_words: np.ndarray, query_cells: tuple[int, int, int, int] | None,
-                n_words: int, levels: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """Dense count histograms (nq, K) of the query box (and its quadrants), their norms
-    and the box's aspect ratio (width / height in query map cells)."""
+                n_words: int, levels: int, weighting: str = "counts"
+                ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Dense histograms (nq, K) of the query box (and its quadrants), their norms and the
+    box's aspect ratio (width / height in query map cells). ``counts``: each cell counts
+    1; ``centre_prior``: each cell of the box counts its weight in the centre prior of
+    the box itself (the whole map without a box), and the quadrants keep those weights."""
+    _check_weighting(weighting)
     qw = np.asarray(query_words)
     if qw.ndim != 2:
         raise ValueError(f"query_words must be an (h, w) map, got shape {qw.shape}")
     if qw.size and (qw.min() < 0 or qw.max() >= n_words):
         raise ValueError(f"query word ids must lie in [0, {n_words})")
     regions = _query_regions(qw.shape[0], qw.shape[1], query_cells, levels)
+    b0, d0, b1, d1 = regions[0]
+    cell_w = np.zeros(qw.shape, np.float64)
+    cell_w[b0:b1, d0:d1] = 1.0 if weighting == "counts" else centre_prior(b1 - b0, d1 - d0)
     qdense = np.zeros((len(regions), n_words), np.float64)
     for k, (r0, c0, r1, c1) in enumerate(regions):
         sub = qw[r0:r1, c0:c1].ravel().astype(np.int64)
         if sub.size:
-            qdense[k] = np.bincount(sub, minlength=n_words)
-    r0, c0, r1, c1 = regions[0]
-    return qdense, np.sqrt((qdense * qdense).sum(axis=1)), (c1 - c0) / (r1 - r0)
+            qdense[k] = np.bincount(sub, weights=cell_w[r0:r1, c0:c1].ravel(),
+                                    minlength=n_words)
+    return qdense, np.sqrt((qdense * qdense).sum(axis=1)), (d1 - d0) / (b1 - b0)
+
+
+WEIGHTINGS = ("counts", "centre_prior")
+
+
+def _check_weighting(weighting: str) -> None:
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
 
 
 def window_scores(query_words: np.ndarray, query_cells: tuple[int, int, int, int] | None,
-                  candidate: np.ndarray, n_words: int, levels: int = 2
-                  ) -> tuple[np.ndarray, np.ndarray]:
+                  candidate: np.ndarray, n_words: int, levels: int = 2,
+                  weighting: str = "counts") -> tuple[np.ndarray, np.ndarray]:
     """Every window of one candidate map and its score, before the aspect-ratio filter:
     ``(windows (121, 4), scores (121,))`` in scoring order (empty windows included, score
     0). For inspection and tests; :func:`rerank` is the batched path."""
-    qdense, qnorm, _ = _query_side(query_words, query_cells, n_words, levels)
+    qdense, qnorm, _ = _query_side(query_words, query_cells, n_words, levels, weighting)
     m = np.asarray(candidate)
-    en, T = _prepare(m[None])
+    en, T = _prepare(m[None], weighting)
     return _cell_windows(*m.shape), _all_scores(en, T, qdense, qnorm, levels)[0]
 
 
 def rerank(query_words: np.ndarray, query_cells: tuple[int, int, int, int] | None,
            candidates: Sequence[np.ndarray], n_words: int, ar_threshold: float = 0.4,
-           levels: int = 2) -> RerankResult:
+           levels: int = 2, weighting: str = "counts", window_set: str = "all"
+           ) -> RerankResult:
     """Score every candidate assignment map by its best window against the query box.
 
     ``query_words`` is the query's (h, w) assignment map, ``query_cells`` its box in those
     cells (``None`` = the whole map, global search), ``candidates`` the (H, W) maps of the
-    top results (portrait and landscape may mix). See the module doc for the rules."""
+    top results (portrait and landscape may mix). ``weighting``: ``counts`` (the paper)
+    or ``centre_prior`` (see the module doc). ``window_set``: ``all`` (the paper's 121
+    windows) or ``large`` (the 7 covering at least half of the map: the full map, the
+    half-height and the half-width windows). See the module doc for the rules."""
+    _check_weighting(weighting)
+    if window_set not in WINDOW_SETS:
+        raise ValueError(f"window_set must be one of {WINDOW_SETS}, got {window_set!r}")
     if levels not in (1, 2):
         raise ValueError(f"levels must be 1 or 2, got {levels}")
-    qdense, qnorm, ar_query = _query_side(query_words, query_cells, n_words, levels)
+    qdense, qnorm, ar_query = _query_side(query_words, query_cells, n_words, levels,
+                                          weighting)
     T = len(candidates)
     scores = np.zeros(T, np.float32)
     windows = np.zeros((T, 4), np.int64)
@@ -411,9 +466,11 @@ def rerank(query_words: np.ndarray, query_cells: tuple[int, int, int, int] | Non
             bad = ids[int(np.argmax((stack < 0).any(axis=(1, 2)) | (stack >= n_words).any(
                 axis=(1, 2))))]
             raise ValueError(f"candidate {bad}: word ids must lie in [0, {n_words})")
-        en, n = _prepare(stack)
+        en, n = _prepare(stack, weighting)
         score = _all_scores(en, n, qdense, qnorm, levels)
         keep = ar_mask(_cell_windows(h, w), ar_query, ar_threshold)
+        if window_set == "large":
+            keep &= _LARGE
         if not keep.any():
             keep[0] = True  # no window has the query's shape: fall back to the full map
         score = np.where(keep[None, :], score, -np.inf)

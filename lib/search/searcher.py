@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from lib.errors import SettingsError
 from lib.index.bow import SparseVec
 from lib.index.encoding import database_vector
 from lib.search import expansion
@@ -82,12 +83,11 @@ class BowSearcher:
         return words, sizes
 
     def _rerank(self, eq: EncodedQuery, order: np.ndarray, scores: np.ndarray
-                ) -> tuple[np.ndarray, np.ndarray, list[dict], dict[int, SparseVec]]:
+                ) -> tuple[np.ndarray, np.ndarray, list[dict], dict[int, SparseVec],
+                           dict[int, float]]:
         top = order[: min(int(self.s["top"]), order.size)]
         words, sizes = self._maps(top)
-        res = rerank(eq.words[0], eq.cells, words, self.n_words,
-                     ar_threshold=float(self.s["ar_threshold"]),
-                     levels=int(self.s["pyramid_levels"]))
+        res = self._score_windows(eq, words)
         final = ranking_scores(scores, top, res.scores)
         new_order = rank_scores(final)  # the ranking folders' rule: ties in database order
         pos = {int(i): j for j, i in enumerate(top.tolist())}
@@ -100,7 +100,43 @@ class BowSearcher:
                          "score": float(res.scores[j]),
                          "box": [round(float(c), 2) for c in box]})
         windows = {int(i): res.window_vectors[pos[int(i)]] for i in top.tolist()}
-        return new_order, final, locs, windows
+        window_scores = {int(i): float(res.scores[pos[int(i)]]) for i in top.tolist()}
+        return new_order, final, locs, windows, window_scores
+
+    def _score_windows(self, eq: EncodedQuery, words: list[np.ndarray]) -> Any:
+        """Best windows of candidate maps against the query (re-ranking and QE
+        verification). ``rerank_weighting``: ``counts`` (the paper) or ``database`` (the
+        index's own ``weighting`` on both sides). ``rerank_global`` for a query without a
+        box: ``paper`` (its whole map as the box: every window, ``pyramid_levels``) or
+        ``coarse`` (the windows covering at least half of a candidate, one level)."""
+        weighting = "counts"
+        if self.s["rerank_weighting"] == "database" and self.s["weighting"] == "centre_prior":
+            weighting = "centre_prior"
+        coarse = eq.cells is None and self.s["rerank_global"] == "coarse"
+        return rerank(eq.words[0], eq.cells, words, self.n_words,
+                      ar_threshold=float(self.s["ar_threshold"]),
+                      levels=1 if coarse else int(self.s["pyramid_levels"]),
+                      weighting=weighting, window_set="large" if coarse else "all")
+
+    def _expansion_set(self, eq: EncodedQuery, tops: list[int],
+                       window_scores: dict[int, float]) -> list[int]:
+        """The results query expansion averages (``qe_select``): the top ``qe_top``
+        (``top``, the paper), or those of them whose best-window score is at least
+        ``qe_verify`` times the best one's (``verified``). The window scores are the
+        re-ranking's when it scored them, else they are computed for these few images."""
+        if self.s["qe_select"] == "top" or not tops:
+            return tops
+        ratio = float(self.s["qe_verify"])
+        if not 0.0 <= ratio <= 1.0:
+            raise SettingsError(f"key 'qe_verify': must lie in [0, 1], got {ratio}")
+        missing = [i for i in tops if i not in window_scores]
+        if missing:
+            words, _ = self._maps(np.asarray(missing, np.int64))
+            res = self._score_windows(eq, words)
+            window_scores = {**window_scores,
+                             **{i: float(v) for i, v in zip(missing, res.scores.tolist())}}
+        keep = expansion.verified([window_scores[i] for i in tops], ratio)
+        return [i for i, k in zip(tops, keep.tolist()) if k]
 
     def _db_vector(self, i: int) -> SparseVec:
         if i not in self._db_vec_cache:
@@ -125,16 +161,16 @@ class BowSearcher:
         t0 = time.perf_counter()
         order, scores = self._first_stage(eq)
         t["search"] += time.perf_counter() - t0
-        locs, windows = None, {}
+        locs, windows, wscores = None, {}, {}
         if self.s["rerank"]:
             t0 = time.perf_counter()
-            order, scores, locs, windows = self._rerank(eq, order, scores)
+            order, scores, locs, windows, wscores = self._rerank(eq, order, scores)
             t["rerank"] += time.perf_counter() - t0
         qe = self.s["query_expansion"]
         if qe != "none":
             t0 = time.perf_counter()
             n = min(int(self.s["qe_top"]), order.size)
-            tops = order[:n].tolist()
+            tops = self._expansion_set(eq, order[:n].tolist(), wscores)
             if qe == "gqe":
                 q2 = expansion.gqe(eq.vector, [self._db_vector(i) for i in tops])
             else:  # lqe: the best windows of the re-ranked top (within the top `top`)
@@ -145,6 +181,6 @@ class BowSearcher:
             t["search"] += time.perf_counter() - t0
             if self.s["rerank"]:
                 t0 = time.perf_counter()
-                order, scores, locs, _ = self._rerank(eq, order, scores)
+                order, scores, locs, _, _ = self._rerank(eq, order, scores)
                 t["rerank"] += time.perf_counter() - t0
         return Ranked(order, scores, locs, {k: v * 1000.0 for k, v in t.items()})
