@@ -17,7 +17,9 @@ follows ``masking``: 0 all words (GS), 1 words inside the box (mask resized bili
 scored through the inverted file; then (:class:`lib.search.searcher.BowSearcher`), in
 this order: spatial re-ranking of the top ``top`` (``rerank``), query expansion with the
 top ``qe_top`` (``query_expansion``: gqe = their full-image vectors, lqe = their best
-windows), a new search with the expanded query, and re-ranking of its top ``top`` again.
+windows), a new search with the expanded query, and re-ranking of its top ``top`` again
+(the window weighting and the expansion set follow ``rerank_weighting``,
+``rerank_global`` and ``qe_select``; the first search follows ``kernel``).
 
 BoW outputs: <path_output>/bow/ (a ranking folder): queries.txt, lists/<query>.txt
 (every database id, best first), scores.npy (float32 n_queries x n_db, database order),
