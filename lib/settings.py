@@ -153,6 +153,10 @@ SCHEMA: tuple[Key, ...] = (
     # ---- step D
     Key("masking", "int", 1, "query words: 0 all (GS), 1 inside the box (LS), 2 box rounded "
         "outward to map cells, 3 distance-transform weights", "D", choices=(0, 1, 2, 3)),
+    Key("query_weighting", "str", "centre_prior", "first search, queries without a box (or "
+        "masking 0): counts (the paper: every cell weighs 1) or centre_prior (cells weighted "
+        "by the centre prior, as the database images are)", "D",
+        choices=("counts", "centre_prior")),
     Key("augmentation", "int", 0, "query augmentation: 0 none, 1 +flip, 2 +1.5x centre crop, "
         "3 +flipped crop", "D", choices=(0, 1, 2, 3)),
     Key("rerank", "bool", False, "spatial re-ranking of the top results with localisation",

@@ -95,7 +95,7 @@ def _run(sp: Path, **changes):
 
 def test_global_search_lists_scores_and_ties(tmp_path):
     sp = _make_run(tmp_path)
-    s, r = _run(sp)
+    s, r = _run(sp, query_weighting="counts")  # the paper's whole-image query
     assert r.queries == ["img0", "img3"]
     scores = np.load(Path(s.path_output) / "bow" / "scores.npy")
     x = _dense_db()
@@ -115,10 +115,29 @@ def test_global_search_lists_scores_and_ties(tmp_path):
     assert r.meta["query_cache"]["from_database"] == 2  # queries are database images
 
 
+def test_whole_image_query_weighted_by_the_centre_prior(tmp_path):
+    """The default: a query without a box weighs its cells by the centre prior, as the
+    database images are weighted (the clutter at the border counts less)."""
+    from lib.index.bow import centre_prior
+
+    sp = _make_run(tmp_path)
+    s, r = _run(sp)
+    assert s.query_weighting == "centre_prior"
+    scores = np.load(Path(s.path_output) / "bow" / "scores.npy")
+    x = _dense_db()
+    for qi, q in enumerate(r.queries):
+        m = np.array(MAPS[q])
+        hist = np.bincount(m.ravel(), weights=centre_prior(*m.shape).ravel(), minlength=K)
+        np.testing.assert_allclose(scores[qi], x @ (hist / np.linalg.norm(hist)), atol=1e-3)
+    counts = _run(sp, query_weighting="counts")[0]
+    assert not np.allclose(np.load(Path(counts.path_output) / "bow" / "scores.npy"), scores,
+                           atol=1e-3)
+
+
 def test_local_search_uses_only_the_box_words(tmp_path):
     # box on the left half of the two top rows of img0: words 0 only (cells (0..1, 0..1))
     sp = _make_run(tmp_path, box=[0, 0, 32, 32])
-    s, r = _run(sp, masking=1)
+    s, r = _run(sp, masking=1, query_weighting="counts")  # the paper's rule
     scores = np.load(Path(s.path_output) / "bow" / "scores.npy")
     x = _dense_db()
     q = np.zeros(K)

@@ -210,8 +210,9 @@ def test_defaults_and_the_paper_settings_files():
     s = load_settings(REPO / "settings" / "generic.json", check_paths=False)
     assert (s.rerank_weighting, s.rerank_global, s.qe_select, s.qe_verify) == (
         "database", "coarse", "verified", 0.8)
+    assert s.query_weighting == "centre_prior"
     for name in ("oxford5k", "paris6k", "oxford105k", "paris106k", "roxford5k",
                  "rparis6k", "roxford5k_r1m", "trecvid_subset"):
         s = load_settings(REPO / "settings" / f"{name}.json", check_paths=False)
-        assert (s.rerank_weighting, s.rerank_global, s.qe_select) == (
-            "counts", "paper", "top"), name
+        assert (s.rerank_weighting, s.rerank_global, s.qe_select, s.query_weighting) == (
+            "counts", "paper", "top", "counts"), name

@@ -42,7 +42,7 @@ from lib.features.local_features import LocalFeatureReader, maps_to_features
 from lib.groundtruth.loader import image_path
 from lib.index.asmk import aggregate, centroid_index, query_words
 from lib.index.assignment_store import AssignmentStore
-from lib.index.bow import SparseVec, bow_vector
+from lib.index.bow import SparseVec, bow_vector, centre_prior
 from lib.index.encoding import word_dtype, words_from_maps
 from lib.provenance import asmk_bits, assignment_record, load_models
 from lib.search.augmentation import (
@@ -295,7 +295,10 @@ class QueryEncoder:
         weights: list[np.ndarray | None] = []
         for v, w in zip(self.variants, words):
             if mode == 0 or not region:
-                weights.append(None)
+                # the whole photo: plain counts (the paper) or the centre prior the
+                # database images carry, so the clutter around the object weighs less
+                weights.append(centre_prior(*w.shape)
+                               if self.s["query_weighting"] == "centre_prior" else None)
                 continue
             if mask is not None:
                 mv = transform_mask(mask, v)
@@ -318,7 +321,11 @@ class QueryEncoder:
         t2 = time.perf_counter()
         asmk = None
         if self.s["kernel"] == "asmk":
-            asmk = self.asmk_signature(query.image, weights[0], words[0].shape)
+            # the reference kernel aggregates every feature of the query region; BLCF's
+            # weighted kernel takes the cell weights too (centre prior without a box)
+            keep = weights[0] if (mode != 0 and region) or \
+                self.s["asmk_weighting"] == "bow" else None
+            asmk = self.asmk_signature(query.image, keep, words[0].shape)
         t3 = time.perf_counter()
         return EncodedQuery(query.name, query.image, hw, list(self.variants), words, weights,
                             cells, vec, {"encode": (t1 - t0) * 1000.0,
