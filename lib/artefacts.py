@@ -10,11 +10,13 @@ silently wrong numbers.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import platform
 import shutil
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     _remove(tmp)
+    remove_dead_temporaries(path)
     try:
         yield tmp
         if path.is_dir() and not path.is_symlink():
@@ -48,6 +51,27 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         _fsync_dir(path.parent)
     finally:
         _remove(tmp)
+
+
+def remove_dead_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove the ``.<name>.tmp-<pid>`` / ``.<name>.old-<pid>`` siblings of ``path`` that
+    :func:`atomic_path` left when its process was killed: only those whose pid is not a
+    live process (a live writer's temporary is never touched; a pid reused by another
+    live process keeps its leftover until that process is gone). Returns what it removed."""
+    path = Path(path)
+    removed = []
+    with contextlib.suppress(OSError):
+        for p in path.parent.iterdir():
+            for kind in (".tmp-", ".old-"):
+                prefix = f".{path.name}{kind}"
+                if not p.name.startswith(prefix):
+                    continue
+                pid = p.name[len(prefix):]
+                if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                    with contextlib.suppress(OSError):
+                        _remove(p)
+                        removed.append(p)
+    return removed
 
 
 def _remove(p: Path) -> None:
@@ -165,6 +189,27 @@ def _norm(v: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- locking
+#
+# The lock is ``fcntl.flock`` on an open descriptor of ``<folder>/.lock``: the kernel
+# grants it to one open file description at a time and drops it when the last
+# descriptor of that description is closed (the holder exits, is killed, loses power),
+# so there is no stale lock to guess about. The file holds "pid step" of the holder, for
+# the refusal message only. The holder unlinks the file while it still holds the lock;
+# a process that locked a file which is no longer the one at ``.lock`` (it opened it
+# just before the unlink) lets it go and tries again, so two processes never hold
+# locks on two different files of the same name.
+#
+# A step started by ``run_all`` (lib/pipeline.py) runs while its parent holds the lock,
+# and a re-open by the child would be a second open file description, refused. So the
+# parent hands the child its very descriptor (``subprocess`` ``pass_fds``) and names it
+# in the environment variable :data:`LOCK_ENV` (JSON: lock file path -> descriptor
+# number, see :func:`inheritable_locks`). The child checks that the descriptor refers to
+# the same file as ``.lock`` and locks it again: same open file description, so granted.
+# The lock then lives as long as either process: an orphaned step still holds it.
+
+LOCK_ENV = "BLCF_HELD_LOCKS"
+
+_HELD: dict[str, int] = {}  # lock file path -> descriptor, for the locks this process took
 
 
 @contextlib.contextmanager
@@ -172,42 +217,102 @@ def output_lock(folder: str | os.PathLike, step: str) -> Iterator[None]:
     """Hold ``<folder>/.lock`` (holder's pid and step) for the duration of the block.
 
     A second run pointed at the same folder refuses with LockedError naming the
-    holder. A lock left by a dead process (SIGKILL, power cut) is taken over."""
+    holder. A lock left by a dead process (SIGKILL, power cut) is free: the kernel
+    released it. Inside a step started by ``run_all`` the parent's lock is taken over
+    (see the comment above)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / ".lock"
-    me = f"{os.getpid()} {step}\n"
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _read_lock(lock)
-            if holder is not None and _pid_alive(holder[0]) and holder[0] != os.getpid():
-                raise LockedError(
-                    f"{folder}: in use by another run (pid {holder[0]}, step {holder[1]}); "
-                    f"wait for it or remove {lock} if that process is gone"
-                ) from None
-            with contextlib.suppress(FileNotFoundError):
-                lock.unlink()
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
-        break
-    else:  # pragma: no cover - lost a race twice
-        raise LockedError(f"{folder}: could not take the lock {lock}")
+    key = str(lock.resolve())
+    if key in _HELD or _inherited(key):
+        yield  # this process (or the run_all that started it) already holds it
+        return
+    fd = _acquire(folder, lock, f"{os.getpid()} {step}\n")
+    _HELD[key] = fd
     try:
         yield
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            if _read_lock(lock) == (os.getpid(), step):
-                lock.unlink()
+        del _HELD[key]
+        try:
+            if _same_file(fd, lock):
+                lock.unlink()  # while still holding the lock: see the comment above
+        finally:
+            os.close(fd)
+
+
+def _acquire(folder: Path, lock: Path, me: str) -> int:
+    for _ in range(100):
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            pid, step = _holder(lock)
+            raise LockedError(
+                f"{folder}: in use by another run (pid {pid}, step {step}); "
+                "wait for it to finish"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        if not _same_file(fd, lock):  # unlinked by its releasing holder: try again
+            os.close(fd)
+            continue
+        data = me.encode()
+        os.pwrite(fd, data, 0)  # first line complete before the old tail is cut
+        os.ftruncate(fd, len(data))
+        return fd
+    raise LockedError(f"{folder}: could not take the lock {lock}")  # pragma: no cover
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    fs = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (fs.st_dev, fs.st_ino)
+
+
+def _holder(lock: Path) -> tuple[str, str]:
+    """The holder named in the lock file; it writes its line just after locking, so an
+    empty file is read again for a moment."""
+    for _ in range(50):
+        got = _read_lock(lock)
+        if got is not None:
+            return str(got[0]), got[1]
+        time.sleep(0.01)
+    return "unknown", "unknown"
+
+
+def _inherited(key: str) -> bool:
+    """True when the environment hands this process a descriptor of the locked ``key``
+    (a step started by run_all) and locking it again succeeds."""
+    try:
+        fd = int(json.loads(os.environ.get(LOCK_ENV) or "{}").get(key))
+    except (TypeError, ValueError, AttributeError):
+        return False
+    try:
+        if not _same_file(fd, Path(key)):
+            return False
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+def inheritable_locks() -> tuple[str, tuple[int, ...]]:
+    """(value for :data:`LOCK_ENV`, descriptors for ``pass_fds``) handing the locks this
+    process holds to a child process, which then takes them over in :func:`output_lock`."""
+    return json.dumps(_HELD, sort_keys=True), tuple(sorted(_HELD.values()))
 
 
 def _read_lock(lock: Path) -> tuple[int, str] | None:
     try:
-        pid, _, step = lock.read_text().strip().partition(" ")
+        first = lock.read_text().splitlines()[0]
+        pid, _, step = first.strip().partition(" ")
         return int(pid), step
-    except (OSError, ValueError):
+    except (OSError, ValueError, IndexError):
         return None
 
 
@@ -219,5 +324,3 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-

@@ -115,7 +115,12 @@ def run_step(args: argparse.Namespace, step: str,
     setup_logging(args.verbose, args.quiet)
 
     def body() -> int:
-        result = call(load_from_args(args))
+        from lib.pipeline import step_locks
+
+        settings = load_from_args(args)
+        # a shared path_features / path_models this step writes is locked too
+        with step_locks(settings, [step], step):
+            result = call(settings)
         if result.summary:
             print(result.summary)
         return 0

@@ -24,12 +24,20 @@ command a user would type) instead of calling the entry points in one process:
 * each step's memory (B's k-means sample, torch and its caching allocator, the FAISS and
   OpenMP thread pools, memory the allocator keeps: :mod:`lib.allocator`) is returned to
   the system when its process ends, before the next step starts, instead of adding up.
+
+Locking: :func:`run_all` holds the output folder's lock (and that of ``path_features`` /
+``path_models`` where they lie outside ``path_output``, :func:`shared_folders`) for its
+whole duration, so a second run cannot slip in between two steps; each step process
+inherits the held descriptors and takes the locks over (:func:`lib.artefacts.output_lock`).
+A step started on its own locks the shared folder it writes (:func:`lib.cli.run_step`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -38,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lib.artefacts import read_json, write_json_atomic
+from lib.artefacts import LOCK_ENV, inheritable_locks, output_lock, read_json, write_json_atomic
 from lib.errors import UserError
 from lib.settings import Settings
 
@@ -86,6 +94,33 @@ STEPS = (
 )
 
 
+# the shared folders each step writes (A the feature stores, B and T the models)
+WRITES = {"A": ("path_features",), "B": ("path_models",), "T": ("path_models",)}
+
+
+def shared_folders(s: Settings, steps: Sequence[str]) -> list[Path]:
+    """The ``path_features`` / ``path_models`` folders that ``steps`` write and that lie
+    outside ``path_output`` (shared between runs, as in the 105k settings), whose
+    ``.lock`` the writing step takes besides the output folder's."""
+    out = Path(s.path_output).resolve()
+    found: list[Path] = []
+    for step in steps:
+        for key in WRITES.get(step, ()):
+            folder = Path(s[key]).resolve()
+            if folder != out and out not in folder.parents and folder not in found:
+                found.append(folder)
+    return found
+
+
+@contextlib.contextmanager
+def step_locks(s: Settings, steps: Sequence[str], holder: str):
+    """Hold the locks of :func:`shared_folders` for ``steps`` (LockedError if taken)."""
+    with contextlib.ExitStack() as stack:
+        for folder in shared_folders(s, steps):
+            stack.enter_context(output_lock(folder, holder))
+        yield
+
+
 def state_path(s: Settings) -> Path:
     return Path(s.path_output) / "run_state.json"
 
@@ -113,8 +148,19 @@ def run_all(s: Settings, arguments: Sequence[str] = (), force: Sequence[str] = (
     ``arguments`` (the shared command-line options, :func:`lib.cli.step_arguments`) after
     the settings file. A failed step raises UserError naming it (its exit code kept for
     2, 3 and 130). ``counts``: the steps run and skipped, and step E's parsed
-    results.json (empty when there is none); the summary is the final mAP line."""
+    results.json (empty when there is none); the summary is the final mAP line.
+
+    The output folder (and the shared folders of :func:`shared_folders`) stay locked for
+    the whole run; the steps take the locks over (module docstring)."""
+    with output_lock(s.path_output, "run_all"), step_locks(s, "AB", "run_all"):
+        return _run_all(s, arguments, force, only)
+
+
+def _run_all(s: Settings, arguments: Sequence[str], force: Sequence[str],
+             only: Sequence[str] | None) -> StepResult:
     t_start = time.perf_counter()
+    held, fds = inheritable_locks()
+    child_env = {**os.environ, LOCK_ENV: held}
     state = load_state(s)
     earlier_ran = False
     ran: list[str] = []
@@ -129,7 +175,7 @@ def run_all(s: Settings, arguments: Sequence[str] = (), force: Sequence[str] = (
         print(f"[{i}/5] {step.key} {step.title}: running", flush=True)
         t0 = time.perf_counter()
         cmd = [sys.executable, str(SCRIPTS / step.script), str(s.source), *arguments]
-        rc = subprocess.call(cmd)
+        rc = subprocess.call(cmd, env=child_env, pass_fds=fds)
         if rc != 0:
             raise UserError(f"step {step.key} ({step.script}) failed with exit code {rc}",
                             exit_code=rc if rc in (2, 3, 130) else 1)

@@ -88,3 +88,38 @@ def test_lock_refuses_second_holder_and_takes_over_stale(tmp_path):
     with output_lock(tmp_path, "C"):
         assert (tmp_path / ".lock").read_text().startswith(str(os.getpid()))
     assert not (tmp_path / ".lock").exists()
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_atomic_write_removes_what_a_dead_writer_left(tmp_path):
+    """A writer killed inside atomic_path leaves ``.<name>.tmp-PID`` (and, for folders,
+    ``.<name>.old-PID``); the next atomic write of that name removes those of dead pids,
+    never a live writer's, nor another name's."""
+    dead = _dead_pid()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        left = [f".index.tmp-{dead}", f".index.old-{dead}"]
+        kept = [f".index.tmp-{live.pid}", f".index.old-{live.pid}", f".other.tmp-{dead}",
+                f".index2.tmp-{dead}"]
+        for name in left + kept:
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "inverted.npy").write_bytes(b"x" * 100)
+        (tmp_path / f".x.json.tmp-{dead}").write_text("half")
+        with atomic_path(tmp_path / "index") as tmp:
+            tmp.mkdir()
+            (tmp / "f.txt").write_text("one")
+        write_json_atomic(tmp_path / "x.json", {"a": 1})
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, "index", "x.json"])
+    finally:
+        live.kill()
+        live.wait()
+    # once the live writer is gone, the next write cleans its leftovers too
+    with atomic_path(tmp_path / "index") as tmp:
+        tmp.mkdir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f".other.tmp-{dead}", f".index2.tmp-{dead}", "index", "x.json"])
