@@ -182,6 +182,9 @@ def run_extraction(settings: Any, image_ids: list[str], store_path: Path | None 
     prov = feature_provenance(settings)
     if len(set(image_ids)) != len(image_ids):
         raise UserError("image list: duplicate image ids")
+    # ids that cannot be a store key are listed with the corrupt images before anything
+    # is extracted (they used to fail at the commit of their batch, on every rerun)
+    image_ids, bad_ids = split_bad_ids(image_ids)
     fresh = not (path / "data.mdb").is_file()
     store = FeatureStore(path, readonly=False)
     try:
@@ -197,7 +200,7 @@ def run_extraction(settings: Any, image_ids: list[str], store_path: Path | None 
         store.set_meta(store_meta(settings, prov, len(stored), created, False))
         todo = [i for i in image_ids if i not in stored]
         n_skipped = len(image_ids) - len(todo)
-        corrupt: dict[str, str] = {}  # corrupt images are never stored: always retried
+        corrupt: dict[str, str] = dict(bad_ids)  # never stored: always retried
         ext = Extractor(settings) if todo else None
         res = fill_batches(ext, settings, store, image_ids, stored, todo, corrupt,
                     stop_after_batches)
@@ -216,6 +219,22 @@ def run_extraction(settings: Any, image_ids: list[str], store_path: Path | None 
             "wait_seconds": res["wait_s"],
             "images_per_s": n_new / res["loop_s"] if res["loop_s"] > 0 else 0.0,
             "device": str(ext.device) if ext else "-", "interrupted": res["interrupted"]}
+
+
+def split_bad_ids(image_ids: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """(the ids usable as store keys, {other id: why not}): a file name that is not
+    UTF-8, an id over LMDB's 511-byte key limit. Each one is logged (with its reason)."""
+    from lib.features.feature_store import key_problem, printable_id
+
+    good, bad = [], {}
+    for i in image_ids:
+        why = key_problem(i)
+        if why is None:
+            good.append(i)
+        else:
+            bad[i] = why
+            log.warning("skipped %s: %s", printable_id(i), why)
+    return good, bad
 
 
 def refresh_inputs(store: Any, settings: Any, image_ids: Sequence[str],

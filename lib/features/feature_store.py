@@ -9,7 +9,8 @@ Layout (all integers little-endian):
 * **Name**: ``<path_features>/<network>-<weights>-<layers joined by +>-<H>x<W>-<resize>
   .lmdb`` (``H``×``W`` = ``input_size``, portrait order; ``max_side`` mode appends the
   side: ``-max_side1024``). Corrupt images: ``<name>.corrupted.txt`` beside it, one
-  ``image_id<TAB>reason`` line each.
+  ``image_id<TAB>reason`` line each; an id that cannot be a key (a file name that is not
+  UTF-8, written there with backslash ``xNN`` escapes, or more than 511 bytes) is listed there too.
 * **Key**: the image id, UTF-8 (``Canon/001``).
 * **Value**: a 16-byte header ``struct "<4sBBHII"``: magic ``b"LCF1"``, dtype code
   (1 = float16, 2 = float32), ``L`` = number of layers, 2 reserved bytes (0), the original
@@ -19,6 +20,12 @@ Layout (all integers little-endian):
 * **Metadata**: the reserved key ``__meta__`` holds UTF-8 JSON: ``provenance``
   (:func:`lib.features.networks.feature_provenance`), ``layers``, ``feature_dtype``, ``count``,
   ``settings_hash`` (step A), ``versions``, ``created``, ``complete``.
+
+Opening (here and in :mod:`lib.index.assignment_store`, through :func:`open_env`) first
+compares ``data.mdb`` with the size its own meta page records: a truncated file is
+refused with one line instead of a SIGBUS at the first read of a missing page. The map
+reserves twice the file (at least 1 GiB here, 64 MiB for assignments) and doubles when a
+write fills it, so the stores work under ``ulimit -v``.
 """
 
 from __future__ import annotations
@@ -49,6 +56,15 @@ SHAPE = struct.Struct("<III")
 DTYPES = {1: np.dtype("<f2"), 2: np.dtype("<f4")}
 DTYPE_CODES = {"float16": 1, "float32": 2}
 _INITIAL_MAP = 1 << 30
+# LMDB's own limit on a key (mdb_env_get_maxkeysize of the bundled build)
+MAX_KEY_BYTES = 511
+# LMDB meta page (64-bit little-endian build): a 16-byte page header, then MDB_meta:
+# magic, version, address, mapsize, two MDB_db records (the first one's md_pad holds the
+# page size), last used page number, txnid
+_META_MAGIC = 0xBEEFC0DE
+_META_HEAD = struct.Struct("<II8xQI")  # magic, version, mapsize, page size (at +16)
+_META_TAIL = struct.Struct("<QQ")  # last_pgno, txnid (at +136)
+_META_PAGE_BYTES = 152
 
 
 def encode_record(maps: Mapping[str, np.ndarray] | Sequence[np.ndarray],
@@ -114,14 +130,11 @@ class FeatureStore:
 
     # ------------------------------------------------------------------ plumbing
     def _open(self) -> None:
-        if self.readonly:
-            self._env = lmdb.open(str(self.path), readonly=True, lock=False,
-                                  readahead=False, max_readers=512, subdir=True)
-        else:
+        hint = "delete the folder and rerun step A"
+        if not self.readonly:
             self.path.mkdir(parents=True, exist_ok=True)
-            size = max(_INITIAL_MAP, _data_size(self.path) * 2)
-            self._env = lmdb.open(str(self.path), map_size=size, subdir=True,
-                                  readahead=False, max_readers=512)
+        self._env = open_env(self.path, "feature store", hint, readonly=self.readonly,
+                             lock=not self.readonly, minimum=_INITIAL_MAP, max_readers=512)
         self._pid = os.getpid()
 
     @property
@@ -293,16 +306,14 @@ class FeatureStore:
     def _write(self, items: list[tuple[bytes, bytes]], delete: Sequence[bytes] = ()) -> None:
         if self.readonly:
             raise UserError(f"{self.path}: opened read-only")
-        while True:
-            try:
-                with self.env.begin(write=True) as txn:
-                    for k in delete:
-                        txn.delete(k)
-                    for k, v in items:
-                        txn.put(k, v)
-                return
-            except lmdb.MapFullError:
-                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+
+        def fill(txn: lmdb.Transaction) -> None:
+            for k in delete:
+                txn.delete(k)
+            for k, v in items:
+                txn.put(k, v)
+
+        write_growing(self.env, fill)
 
     def sync(self) -> None:
         if not self.readonly:
@@ -331,6 +342,103 @@ def _data_size(path: Path) -> int:
     return f.stat().st_size if f.is_file() else 0
 
 
+def map_size_for(path: str | os.PathLike, minimum: int = 64 << 20) -> int:
+    """Address space to reserve for an environment: twice its file, at least
+    ``minimum``; :func:`write_growing` doubles it when a write needs more. (A fixed
+    reservation of a terabyte fails under ``ulimit -v``.)"""
+    return max(int(minimum), _data_size(Path(path)) * 2)
+
+
+def check_data_file(path: str | os.PathLike, what: str, hint: str) -> None:
+    """Refuse (one line) an environment whose ``data.mdb`` is shorter than its own meta
+    page says: mapping it works, but the first read of a missing page kills the process
+    with SIGBUS (a truncated copy, a full disk). Read with plain file reads, before
+    ``lmdb.open``. The meta page with the higher txnid is the current one (as LMDB
+    itself chooses); a file that is absent or empty is left to LMDB (a new store)."""
+    f = Path(path) / "data.mdb"
+    try:
+        size = f.stat().st_size
+    except FileNotFoundError:
+        return
+    if size == 0:
+        return
+    bad = (f"{path}: the {what} is damaged: its file data.mdb is shorter than its own "
+           f"record says ({{}}); {hint}")
+    with open(f, "rb") as fh:
+        head = fh.read(_META_PAGE_BYTES)
+        if len(head) < _META_PAGE_BYTES:
+            raise UserError(bad.format(f"{size} bytes, not even one meta page"))
+        magic, _, _, psize = _META_HEAD.unpack_from(head, 16)
+        if magic != _META_MAGIC or psize < 512 or psize & (psize - 1):
+            return  # not the layout this check knows: LMDB reports what it finds
+        fh.seek(psize)
+        second = fh.read(_META_PAGE_BYTES)
+    if len(second) < _META_PAGE_BYTES:
+        raise UserError(bad.format(f"{size} bytes, less than the two meta pages"))
+    metas = [_META_TAIL.unpack_from(head, 136)]
+    if _META_HEAD.unpack_from(second, 16)[0] == _META_MAGIC:
+        metas.append(_META_TAIL.unpack_from(second, 136))
+    last_pgno, _ = max(metas, key=lambda m: m[1])
+    need = (last_pgno + 1) * psize
+    if size < need:
+        raise UserError(bad.format(f"{size} bytes, at least {need} expected"))
+
+
+def open_env(path: str | os.PathLike, what: str, hint: str, readonly: bool, lock: bool,
+             minimum: int = 64 << 20, **kwargs: Any) -> lmdb.Environment:
+    """``lmdb.open`` of a store folder after :func:`check_data_file`, with the map
+    sized by :func:`map_size_for`; an LMDB error becomes one line naming the store."""
+    check_data_file(path, what, hint)
+    try:
+        # read-only: the file is all there is to map (LMDB raises it to the used size)
+        size = max(_data_size(Path(path)), 1 << 20) if readonly else map_size_for(path, minimum)
+        return lmdb.open(str(path), map_size=size, readonly=readonly,
+                         lock=lock, subdir=True, readahead=False, **kwargs)
+    except lmdb.Error as e:
+        raise UserError(f"{path}: cannot open the {what} ({e}); {hint}") from None
+
+
+def write_growing(env: lmdb.Environment, fill: Any) -> None:
+    """``fill(txn)`` in one write transaction; when the map is full, the transaction is
+    aborted, the map doubled and ``fill`` run again."""
+    while True:
+        try:
+            with env.begin(write=True) as txn:
+                fill(txn)
+            return
+        except lmdb.MapFullError:
+            env.set_mapsize(env.info()["map_size"] * 2)
+
+
+def key_problem(image_id: str) -> str | None:
+    """Why ``image_id`` cannot be a store key (None when it can): not encodable as
+    UTF-8 (a file name in another encoding) or longer than LMDB's key limit."""
+    try:
+        n = len(image_id.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "file name is not valid UTF-8 (rename the file)"
+    if n > MAX_KEY_BYTES:
+        return (f"image id is {n} bytes long in UTF-8, the store allows at most "
+                f"{MAX_KEY_BYTES} (shorten the file name or folder)")
+    if n == 0:
+        return "empty image id"
+    return None
+
+
+def printable_id(image_id: str) -> str:
+    """``image_id`` as UTF-8-safe text (undecodable bytes written as ``\\xNN``)."""
+    try:
+        image_id.encode("utf-8")
+        return image_id
+    except UnicodeEncodeError:
+        pass
+    try:  # a name read from disk: undecodable bytes were kept as surrogate escapes
+        raw = image_id.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return image_id.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
 def corrupted_path(store_path: str | os.PathLike) -> Path:
     """``<store path without .lmdb>.corrupted.txt``."""
     p = Path(store_path)
@@ -340,7 +448,7 @@ def corrupted_path(store_path: str | os.PathLike) -> Path:
 
 def write_corrupted(store_path: str | os.PathLike, entries: Iterable[tuple[str, str]]) -> Path:
     """Atomically (re)write the corrupt-image list: ``image_id<TAB>reason``, sorted."""
-    lines = sorted(f"{i}\t{' '.join(str(r).split())}" for i, r in entries)
+    lines = sorted(f"{printable_id(i)}\t{' '.join(str(r).split())}" for i, r in entries)
     path = corrupted_path(store_path)
     write_text_atomic(path, "".join(line + "\n" for line in lines))
     return path

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ import lmdb
 import numpy as np
 
 from lib.errors import UserError
+from lib.features.feature_store import open_env, write_growing
 
 MAGIC = b"ASG1"
 MAGIC_SIG = b"ASG2"  # a map followed by its ASMK signatures
@@ -37,7 +38,10 @@ HEADER = struct.Struct("<4sB3xIIII")
 META_KEY = b"__meta__"
 _CODES = {1: np.dtype("<u2"), 2: np.dtype("<u4")}
 _DTYPE_CODE = {np.dtype("<u2"): 1, np.dtype("<u4"): 2}
-MAP_SIZE = 1 << 40  # virtual address space only; the file grows with the data
+# address space reserved at open: twice the file, at least this; doubled when a write
+# needs more (a fixed terabyte failed under ``ulimit -v``)
+MIN_MAP_SIZE = 64 << 20
+_HINT = "delete the folder and rerun step C"
 
 
 def encode(words: np.ndarray, orig_hw: tuple[int, int],
@@ -114,11 +118,10 @@ class AssignmentStore:
         if readonly and not (self.path / "data.mdb").exists():
             raise UserError(f"{self.path}: assignment store not found (run step C)")
         self.path.mkdir(parents=True, exist_ok=True)
-        try:
-            self.env = lmdb.open(str(self.path), map_size=MAP_SIZE, readonly=readonly,
-                                 lock=not readonly, subdir=True, max_dbs=0, readahead=False)
-        except lmdb.Error as e:
-            raise UserError(f"{self.path}: cannot open assignment store ({e})") from None
+        # checks data.mdb against its own size record first (a truncated file would
+        # kill the process with SIGBUS on the first read of a missing page)
+        self.env = open_env(self.path, "assignment store", _HINT, readonly=readonly,
+                            lock=not readonly, minimum=MIN_MAP_SIZE, max_dbs=0)
         with self.env.begin() as txn:
             raw = txn.get(META_KEY)
         try:
@@ -140,8 +143,7 @@ class AssignmentStore:
     def set_meta(self, meta: dict[str, Any]) -> None:
         self._writable()
         blob = json.dumps(meta, sort_keys=True).encode("utf-8")
-        with self.env.begin(write=True) as txn:
-            txn.put(META_KEY, blob)
+        write_growing(self.env, lambda txn: txn.put(META_KEY, blob))
         self.meta = dict(meta)
 
     def _writable(self) -> None:
@@ -155,27 +157,30 @@ class AssignmentStore:
         values = [(r[0].encode("utf-8"), encode(*r[1:])) for r in records]
         if any(k == META_KEY for k, _ in values):
             raise UserError(f"image id '{META_KEY.decode()}' is reserved")
-        with self.env.begin(write=True) as txn:
+
+        def fill(txn: lmdb.Transaction) -> None:
             for k, v in values:
                 txn.put(k, v)
 
-    def get(self, image_id: str) -> tuple[np.ndarray, tuple[int, int]]:
-        """(words (H, W), original size (H0, W0)) of one image."""
+        write_growing(self.env, fill)
+
+    def _read(self, image_id: str, decoder: Callable[[memoryview, str], Any]) -> Any:
+        """One image's record through ``decoder``, inside the read transaction (the
+        buffer is only valid there)."""
         with self.env.begin(buffers=True) as txn:
             buf = txn.get(image_id.encode("utf-8"))
             if buf is None or image_id.encode("utf-8") == META_KEY:
                 raise UserError(f"image '{image_id}' is not in the assignment store "
                                 f"{self.path} (rerun step C)")
-            return decode(buf, f"{self.path} image '{image_id}'")
+            return decoder(buf, f"{self.path} image '{image_id}'")
+
+    def get(self, image_id: str) -> tuple[np.ndarray, tuple[int, int]]:
+        """(words (H, W), original size (H0, W0)) of one image."""
+        return self._read(image_id, decode)
 
     def get_signature(self, image_id: str) -> Signature | None:
         """(words, signatures) of one image's ASMK record, None when it has none."""
-        with self.env.begin(buffers=True) as txn:
-            buf = txn.get(image_id.encode("utf-8"))
-            if buf is None or image_id.encode("utf-8") == META_KEY:
-                raise UserError(f"image '{image_id}' is not in the assignment store "
-                                f"{self.path} (rerun step C)")
-            return decode_signature(buf, f"{self.path} image '{image_id}'")
+        return self._read(image_id, decode_signature)
 
     def __contains__(self, image_id: object) -> bool:
         if not isinstance(image_id, str) or image_id.encode("utf-8") == META_KEY:

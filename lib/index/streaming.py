@@ -142,7 +142,7 @@ def stream_assignments(settings: Mapping[str, Any], image_ids: Sequence[str],
     """Decode, extract, assign and store the word maps of ``image_ids`` (normally the
     distractors) in ``store``, skipping ids already stored. Returns counts and timings.
     ``stop_after_batches`` simulates an interruption after that many batches (tests)."""
-    from lib.features.extraction import Extractor, fill_batches
+    from lib.features.extraction import Extractor, fill_batches, split_bad_ids
     from lib.features.feature_store import write_corrupted
 
     t_start = time.perf_counter()
@@ -152,10 +152,11 @@ def stream_assignments(settings: Mapping[str, Any], image_ids: Sequence[str],
     check_models(settings, pca, codebook)
     check_assignment_record(assignment_record(settings, pca, codebook), store.meta,
                             str(store.path), _HINT)
+    ids, bad_ids = split_bad_ids(ids)  # not usable as store keys: listed as corrupt
     stored = stored_sizes(store)
     stored = {i: stored[i] for i in ids if i in stored}
     todo = [i for i in ids if i not in stored]
-    corrupt: dict[str, str] = {}
+    corrupt: dict[str, str] = dict(bad_ids)
     ext = Extractor(settings) if todo else None
     sink = AssigningSink(settings, pca, codebook, store)
     if todo:
