@@ -30,6 +30,15 @@ from lib.vocabulary.pca import PCAWhitening
 
 PCA_FIELDS = ("l2norm", "pca_dim", "whiten", "train_on", "train_new_dim")
 CODEBOOK_FIELDS = (*PCA_FIELDS, "n_centers")
+# how the training sample was drawn and how k-means ran: recorded in the codebook's
+# metadata by step B, compared by every later load (the codebook pins its PCA through
+# ``pca_hash``, so the PCA needs no separate check; a PCA reused on purpose to train a
+# codebook with another seed stays allowed). Reused models
+# (TRAIN_* false, the 105k/106k/R1M settings) are compared too: those settings inherit
+# these keys from the run that trained them, and a run whose settings name another seed
+# than its models' would record a provenance that is not true. A field absent from the
+# metadata (models written by hand, not by step B) is not compared.
+KMEANS_FIELDS = ("seed", "n_samples", "max_train_images", "kmeans", "kmeans_iter")
 HINT = ("rerun step B with TRAIN_PCA and TRAIN_CENTROIDS true, or point path_models at "
         "models made with these settings")
 
@@ -54,6 +63,21 @@ def training_fields(settings: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def sample_fields(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Step B's sampling and k-means settings (:data:`KMEANS_FIELDS`)."""
+    return {"seed": int(settings["seed"]), "n_samples": int(settings["n_samples"]),
+            "max_train_images": int(settings["max_train_images"]),
+            "kmeans": settings["kmeans"], "kmeans_iter": int(settings["kmeans_iter"])}
+
+
+def check_kmeans_fields(settings: Mapping[str, Any], meta: Mapping[str, Any],
+                        what: str, hint: str = HINT) -> None:
+    """The codebook's recorded :data:`KMEANS_FIELDS` against the settings (those it
+    records)."""
+    check_fields(sample_fields(settings), meta, [f for f in KMEANS_FIELDS if f in meta],
+                 what, hint)
+
+
 def expected_provenance(settings: Mapping[str, Any]) -> dict[str, Any]:
     from lib.features.networks import feature_provenance
 
@@ -62,7 +86,13 @@ def expected_provenance(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 def check_provenance(expected: Mapping[str, Any], meta: Mapping[str, Any], what: str,
                      hint: str) -> None:
-    """Every provenance field the settings define must match the artefact's record."""
+    """Every provenance field the settings define must match the artefact's record. A
+    feature store that step A has not finished (``complete`` false in its metadata: A
+    was interrupted) is refused whatever its provenance: only feature stores carry the
+    field, and every reader of one (B, C, D's pooling baseline) checks it here."""
+    if meta.get("complete") is False:
+        raise UserError(f"{what}: feature store is incomplete (step A was interrupted after "
+                        f"{meta.get('count', '?')} images); rerun step A to finish it")
     found = meta.get("provenance")
     if not isinstance(found, Mapping):
         raise ArtefactMismatchError(f"{what}: no feature provenance in its metadata; {hint}")
@@ -82,6 +112,7 @@ def check_codebook(codebook: Codebook, path: Path, settings: Mapping[str, Any],
                    provenance: Mapping[str, Any], pca: PCAWhitening) -> None:
     check_provenance(provenance, codebook.meta, str(path), HINT)
     check_fields(training_fields(settings), codebook.meta, CODEBOOK_FIELDS, str(path), HINT)
+    check_kmeans_fields(settings, codebook.meta, str(path))
     check_fields({"pca_hash": pca.content_hash()}, codebook.meta, ("pca_hash",), str(path),
                  "the codebook was trained in another PCA space; rerun step B with "
                  "TRAIN_CENTROIDS true")
@@ -194,23 +225,17 @@ def images_identity(settings: Mapping[str, Any], ids: Iterable[str],
     return h.hexdigest()[:16]
 
 
-def _store_meta_identity(path: str | Path | None) -> str | None:
-    """The metadata record of another run's feature store (``train_store``)."""
-    if path is None or not (Path(path) / "data.mdb").is_file():
-        return None
-    from lib.features.feature_store import FeatureStore
-
-    st = FeatureStore(path)
-    try:
-        return canonical_hash(st.meta)
-    finally:
-        st.close()
+def _store_identity(path: str | Path | None) -> list[int] | None:
+    """Another run's feature store (``train_store``): its data file's size and mtime. Not
+    its metadata record: reading that means opening the environment, which LMDB refuses
+    while the same process holds it open (step B reading that store)."""
+    return None if path is None else file_identity(Path(path) / "data.mdb")
 
 
 def step_inputs(settings: Mapping[str, Any], step: str) -> dict[str, Any]:
     """The identity of every input file ``step`` itself reads (earlier steps' inputs are
     added by :func:`step_hash`). A: the ground truth, the weights file (inside the feature
-    provenance) and every database image; B: ``train_store``'s metadata and the models it
+    provenance) and every database image; B: ``train_store``'s data file and the models it
     reuses instead of training; D: every query image."""
     from lib.groundtruth.loader import load_ground_truth
 
@@ -231,7 +256,7 @@ def step_inputs(settings: Mapping[str, Any], step: str) -> dict[str, Any]:
                 "images": None if g is None else images_identity(settings, g.db_ids)}
     if step == "B":
         p_pca, p_cb = models_paths(settings)
-        return {"train_store": _store_meta_identity(settings["train_store"]),
+        return {"train_store": _store_identity(settings["train_store"]),
                 "reused_pca": None if settings["TRAIN_PCA"] else file_identity(p_pca),
                 "reused_codebook": (None if settings["TRAIN_CENTROIDS"]
                                     else file_identity(p_cb))}

@@ -189,6 +189,19 @@ def write_signatures(folder: Path, asg: AssignmentStore, present: list[str],
     np.save(folder / ASMK_OFFSETS, offsets, allow_pickle=False)
 
 
+def check_index_ids(ids: list[str], where: Any) -> None:
+    """The ids the inverted file will list one per line: no line breaks, no duplicates
+    (the checks of InvertedFile.build, made before the assignment work)."""
+    bad = next((i for i in ids if "\n" in i or "\r" in i), None)
+    if bad is not None:
+        raise UserError(f"{where}: image id {bad!r} contains a line break; rename the image "
+                        "and fix the ground truth")
+    if len(set(ids)) != len(ids):
+        seen: set[str] = set()
+        dup = next(i for i in ids if i in seen or seen.add(i))
+        raise UserError(f"{where}: image id {dup!r} appears more than once in the database")
+
+
 def build_index(settings: Settings) -> StepResult:
     """Step C on validated settings: check the inputs, assign (resuming), stream the
     distractors when asked, build the inverted file; all under the output lock."""
@@ -206,6 +219,7 @@ def build_index(settings: Settings) -> StepResult:
     if store is not None:
         check_provenance(prov, store.meta, str(fpath), "rerun step A with these settings")
     db_ids = load_ground_truth(s).db_ids
+    check_index_ids(db_ids, s.path_gt)  # before any assignment work, not at the end
     out_dir = Path(s.path_output)
     apath = AssignmentStore.path_for(s)
     expected = assignment_record(s, pca, cb)

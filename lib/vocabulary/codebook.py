@@ -485,7 +485,10 @@ class Codebook:
                               ).hexdigest()[:16]
 
     def save(self, path: Path, meta: dict[str, Any]) -> None:
-        """``path`` (.npy float32 K x D) + ``<stem>.json``, both atomic, sidecar last."""
+        """``path`` (.npy float32 K x D) + ``<stem>.json``, both atomic, sidecar last. The
+        sidecar records the words' content hash and shape, and :meth:`load` checks them:
+        a kill between the two renames (new words, the previous run's sidecar) is refused
+        on load as a mismatched pair, never used."""
         path = Path(path)
         self.meta = {**meta, "codebook_hash": self.content_hash(), "n_centers": self.k,
                      "dim": self.dim}
@@ -494,12 +497,36 @@ class Codebook:
 
     @classmethod
     def load(cls, path: Path, mode: str = "exact", device: str = "cpu") -> Codebook:
+        """The words of ``path``, checked against their sidecar: float32, (n_centers, dim),
+        finite, and the recorded ``codebook_hash``; any mismatch is a UserError naming
+        the file (a codebook cut short, transposed, permuted, edited, or half of an
+        interrupted write)."""
         path = Path(path)
         if not path.exists():
             raise UserError(f"{path}: codebook not found (run step B with TRAIN_CENTROIDS "
                             "true)")
         c = load_npy(path)
+        meta = read_json(sidecar(path), "codebook metadata")
+        hint = "rerun step B with TRAIN_CENTROIDS true"
+        if not isinstance(meta, dict):
+            raise UserError(f"{sidecar(path)}: codebook metadata is not a JSON object; {hint}")
         if c.ndim != 2 or c.dtype != np.float32:
             raise UserError(f"{path}: expected a (K, D) float32 array, got {c.dtype} "
-                            f"{c.shape}")
-        return cls(c, mode, read_json(sidecar(path), "codebook metadata"), device)
+                            f"{c.shape}; {hint}")
+        shape = (meta.get("n_centers"), meta.get("dim"))
+        if any(r is not None and r != n for r, n in zip(shape, c.shape, strict=True)):
+            raise UserError(f"{path}: holds {c.shape[0]} x {c.shape[1]} words but its "
+                            f"metadata {sidecar(path).name} records {shape[0]} x {shape[1]} "
+                            f"(another run's or an interrupted write?); {hint}")
+        if not np.isfinite(c).all():
+            raise UserError(f"{path}: the words contain NaN or infinite values; {hint}")
+        cb = cls(c, mode, meta, device)
+        recorded = meta.get("codebook_hash")
+        if recorded is None:
+            raise UserError(f"{sidecar(path)}: no 'codebook_hash' in the codebook metadata; "
+                            f"{hint}")
+        if recorded != cb.content_hash():
+            raise UserError(f"{path}: the words do not match the 'codebook_hash' recorded in "
+                            f"{sidecar(path).name} (another run's, edited, or an interrupted "
+                            f"write); {hint}")
+        return cb

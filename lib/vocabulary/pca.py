@@ -133,7 +133,9 @@ class PCAWhitening:
 
     def save(self, path: Path, meta: dict[str, Any]) -> None:
         """``path`` (.npz, no pickles) + ``<stem>.json``; each written atomically, the
-        sidecar last so a crash never leaves metadata describing a missing model."""
+        sidecar last so a crash never leaves metadata describing a missing model. The
+        sidecar records the content hash and :meth:`load` checks it: a kill between the
+        two renames (new model, the previous sidecar) is refused on load, never used."""
         path = Path(path)
         self.meta = {**meta, "pca_hash": self.content_hash(), "pca_dim": self.dim_out,
                      "dim_in": self.dim_in, "whiten": self.whiten}
@@ -155,8 +157,30 @@ class PCAWhitening:
         except (OSError, ValueError, KeyError, EOFError) as e:
             raise UserError(f"{path}: unreadable PCA model ({e})") from None
         meta = read_json(sidecar(path), "PCA metadata")
+        hint = "rerun step B with TRAIN_PCA true"
+        if not isinstance(meta, dict):
+            raise UserError(f"{sidecar(path)}: PCA metadata is not a JSON object; {hint}")
+        for k in ("mean", "components", "variances"):
+            a = arrays[k]
+            if a.dtype.kind != "f" or not np.isfinite(a).all():
+                raise UserError(f"{path}: '{k}' is not a finite float array ({a.dtype}); "
+                                f"{hint}")
         try:
-            return cls(arrays["mean"], arrays["components"], arrays["variances"],
-                       bool(arrays["whiten"]), meta)
+            pca = cls(arrays["mean"], arrays["components"], arrays["variances"],
+                      bool(arrays["whiten"]), meta)
         except ValueError as e:
-            raise UserError(f"{path}: {e}") from None
+            raise UserError(f"{path}: {e}; {hint}") from None
+        rec = (meta.get("pca_dim"), meta.get("dim_in"))
+        if any(r is not None and r != n for r, n in zip(rec, (pca.dim_out, pca.dim_in),
+                                                         strict=True)):
+            raise UserError(f"{path}: a {pca.dim_in} -> {pca.dim_out} PCA but its metadata "
+                            f"{sidecar(path).name} records {rec[1]} -> {rec[0]} (another "
+                            f"run's or an interrupted write?); {hint}")
+        recorded = meta.get("pca_hash")
+        if recorded is None:
+            raise UserError(f"{sidecar(path)}: no 'pca_hash' in the PCA metadata; {hint}")
+        if recorded != pca.content_hash():
+            raise UserError(f"{path}: the model does not match the 'pca_hash' recorded in "
+                            f"{sidecar(path).name} (another run's, edited, or an interrupted "
+                            f"write); {hint}")
+        return pca

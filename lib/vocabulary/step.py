@@ -37,6 +37,7 @@ from lib.provenance import (
     CODEBOOK_FIELDS,
     HINT,
     check_codebook,
+    check_kmeans_fields,
     check_pca,
     check_provenance,
     expected_provenance,
@@ -93,6 +94,42 @@ def sample_features(reader: Any, ids: list[str], n_samples: int, max_images: int
     return x, used
 
 
+def validate_training(s: Settings) -> None:
+    """Every step B setting that can be checked without data, before anything is read or
+    written (``kmeans_iter = 0`` used to be refused only after the PCA was saved)."""
+    from lib.vocabulary.codebook import MODES
+
+    for key in ("pca_dim", "n_centers", "n_samples", "max_train_images", "kmeans_iter"):
+        if int(s[key]) < 1:
+            raise UserError(f"{s.source}: key '{key}': {s[key]} must be >= 1")
+    if s.kmeans not in MODES:
+        raise UserError(f"{s.source}: key 'kmeans': '{s.kmeans}' is not one of "
+                        f"{', '.join(MODES)}")
+    if s.TRAIN_CENTROIDS and s.n_centers > s.n_samples:
+        raise UserError(f"{s.source}: key 'n_centers': {s.n_centers} words need at least as "
+                        f"many training features, but n_samples is {s.n_samples}")
+
+
+def _check_sample(s: Settings, x: np.ndarray, pca: PCAWhitening | None,
+                  cb: Codebook | None) -> None:
+    """The settings against the training sample, before anything is written."""
+    n, dim = x.shape
+    if pca is None:
+        if s.pca_dim > dim:
+            raise UserError(f"{s.source}: key 'pca_dim': {s.pca_dim} exceeds the feature "
+                            f"dimension ({dim})")
+        if n < 2 or s.pca_dim > n:
+            raise UserError(f"{s.source}: key 'pca_dim': PCA needs at least pca_dim = "
+                            f"{s.pca_dim} and 2 training features, the sample has {n}; "
+                            "lower pca_dim or use more images")
+    elif pca.dim_in != dim:
+        raise UserError(f"{s.path_models}: the PCA expects {pca.dim_in}-D features but the "
+                        f"feature store holds {dim}-D ones; {HINT}")
+    if cb is None and s.n_centers > n:
+        raise UserError(f"{s.source}: key 'n_centers': {s.n_centers} words need at least "
+                        f"as many training features, but the sample has {n}")
+
+
 def train_models(settings: Settings) -> StepResult:
     """Step B on validated settings: check the models to reuse, sample, fit what is asked
     (under the output lock). Refuses (UserError) before writing anything when the inputs
@@ -102,6 +139,7 @@ def train_models(settings: Settings) -> StepResult:
 
     s = settings
     t0 = time.perf_counter()
+    validate_training(s)
     p_pca, p_cb = models_paths(s)
     prov = expected_provenance(s)
     fields = training_fields(s)
@@ -121,6 +159,11 @@ def train_models(settings: Settings) -> StepResult:
         else:  # the PCA hash can only be checked once the new PCA is fitted
             check_provenance(prov, cb.meta, str(p_cb), HINT)
             check_fields(fields, cb.meta, CODEBOOK_FIELDS, str(p_cb), HINT)
+            # refused here, before a PCA is fitted and written on another sample (it
+            # would not be the codebook's PCA: another pca_hash)
+            check_kmeans_fields(s, cb.meta, str(p_cb), "the codebook was trained with other "
+                                "step B settings and would not fit a PCA refitted now "
+                                "(pca_hash); " + HINT)
     if pca is not None and cb is not None:
         return result(f"B: nothing to train; reusing {p_pca} and {p_cb} ({cb.k} words)",
                       features=0, images=0, words=cb.k, pca_fitted=False,
@@ -131,6 +174,9 @@ def train_models(settings: Settings) -> StepResult:
         key = "train_store" if s.train_store else "path_features"
         raise UserError(f"{store_path}: feature store not found (key '{key}' in "
                         f"{s.source}); run step A first")
+    # the settings hash reads train_store's metadata: before this step opens the store
+    # (an LMDB environment must not be opened twice in one process)
+    settings_hash = s.step_hash("B")
     store = FeatureStore(store_path)
     check_provenance(prov, store.meta, str(store_path),
                      "rerun step A with these settings (or fix train_store)")
@@ -145,14 +191,11 @@ def train_models(settings: Settings) -> StepResult:
         "seed": s.seed, "train_store": str(store_path), "dataset": s.dataset,
         "n_train_images": len(used), "n_train_features": len(x),
         "n_samples": s.n_samples, "max_train_images": s.max_train_images,
-        "settings_hash": s.step_hash("B"), "versions": library_versions(),
+        "settings_hash": settings_hash, "versions": library_versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     pca_meta = {k: v for k, v in common.items() if k != "n_centers"}
-    if cb is None and s.n_centers > len(x):
-        # refuse before anything is written (not after the PCA is saved)
-        raise UserError(f"{s.source}: key 'n_centers': {s.n_centers} words need at least "
-                        f"as many training features, but the sample has {len(x)}")
+    _check_sample(s, x, pca, cb)  # refuse before anything is written
     pca_fitted = pca is None
     with output_lock(s.path_output, "B"):
         if pca is None:
