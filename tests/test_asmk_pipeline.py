@@ -221,3 +221,26 @@ def test_assignment_records_with_signatures_round_trip() -> None:
         decode(buf[:-1], "r")
     with pytest.raises(UserError, match="truncated"):
         decode(buf[: len(plain) + 3], "r")
+
+
+def test_query_expansion_averages_kernel_scores(asmk_run: tuple[Path, Path],
+                                                tmp_path: Path) -> None:
+    """With kernel = asmk, expansion stays in the kernel: the final scores are the mean of
+    the query's scores and those of its top images' stored signatures used as queries."""
+    root, s = asmk_run
+    dst = tmp_path / "qe"
+    shutil.copytree(root, dst)
+    over = ("query_expansion=gqe", "qe_select=top", "qe_top=2", "rerank=false")
+    call_step("D", dst / "settings.json", *over)
+    got = np.load(dst / "run" / "bow" / "scores.npy")
+    first = np.load(root / "run" / "bow" / "scores.npy")  # the same queries, no expansion
+    ids, images = _reference_images(s)
+    offsets, docs, sigs, weights = asmk.build_postings(images, 6)
+    for qi in range(first.shape[0]):
+        top = np.argsort(-first[qi], kind="stable")[:2]
+        total = first[qi].astype(np.float64)
+        for d in top:
+            uw, sg = images[d]
+            total += asmk.score_postings(uw, sg, offsets, docs, sigs, weights, len(ids),
+                                         n_bits=12, per_doc=False)
+        np.testing.assert_allclose(got[qi], total / 3, rtol=1e-5, atol=1e-6)

@@ -156,10 +156,35 @@ class BowSearcher:
                                    int(self.index.meta["asmk_bits"]), eq.asmk[2])
         return rank_scores(s), s
 
+    def _asmk_expand(self, first: np.ndarray, tops: list[int]
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """Query expansion in the kernel's own space: the mean of the query's scores and
+        the scores of each expansion image's stored signatures used as a query (with a
+        linear kernel, the average query; ASMK has no window signatures, so GQE and LQE
+        both expand with whole images)."""
+        total = np.asarray(first, np.float64).copy()
+        bits = int(self.index.meta["asmk_bits"])
+        for i in tops:
+            sig = self.store.get_signature(self.db_ids[i])
+            if sig is None:
+                raise ValueError(f"image {self.db_ids[i]!r} has no ASMK signatures")
+            uw, sg = sig[0].astype(np.int64), sig[1]
+            weights = None
+            if self.s["asmk_weighting"] == "bow":
+                idx, val = self._db_vector(i)
+                at = np.minimum(np.searchsorted(idx, uw), max(idx.size - 1, 0))
+                weights = np.where(idx[at] == uw, val[at], 0.0) if idx.size else \
+                    np.zeros(uw.size)
+            total += self.index.asmk_scores(uw, sg, float(self.s["asmk_alpha"]),
+                                            float(self.s["asmk_tau"]), bits, weights)
+        s = (total / (1 + len(tops))).astype(np.float32)
+        return rank_scores(s), s
+
     def rank(self, eq: EncodedQuery) -> Ranked:
         t: dict[str, float] = {"search": 0.0, "rerank": 0.0, "qe": 0.0}
         t0 = time.perf_counter()
         order, scores = self._first_stage(eq)
+        first = scores
         t["search"] += time.perf_counter() - t0
         locs, windows, wscores = None, {}, {}
         if self.s["rerank"]:
@@ -171,6 +196,14 @@ class BowSearcher:
             t0 = time.perf_counter()
             n = min(int(self.s["qe_top"]), order.size)
             tops = self._expansion_set(eq, order[:n].tolist(), wscores)
+            if self.s["kernel"] == "asmk":
+                order, scores = self._asmk_expand(first, tops)
+                t["qe"] += time.perf_counter() - t0
+                if self.s["rerank"]:
+                    t0 = time.perf_counter()
+                    order, scores, locs, _, _ = self._rerank(eq, order, scores)
+                    t["rerank"] += time.perf_counter() - t0
+                return Ranked(order, scores, locs, {k: v * 1000.0 for k, v in t.items()})
             if qe == "gqe":
                 q2 = expansion.gqe(eq.vector, [self._db_vector(i) for i in tops])
             else:  # lqe: the best windows of the re-ranked top (within the top `top`)
