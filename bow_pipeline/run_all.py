@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """Run steps A to E in order for one settings file, skipping up-to-date steps.
 
-Each step runs as its own command (exactly what a user would type), with the same
-``--set``/``--data-root``/``--runs-root`` arguments. A step is skipped when
-``<path_output>/run_state.json`` says it finished with the same settings (for every key
-that affects it) and its outputs exist; after a step has run, every later step runs too.
+Each step runs as its own command, on one snapshot of the validated settings
+(``<path_output>/.run_all_settings.json``: every ``--set`` applied, paths absolute), so
+editing the settings file meanwhile reaches no step. A step is skipped when
+``<path_output>/run_state.json`` says it finished with the same settings and input files
+(for everything that affects it) and its outputs exist; after a step has run, every later
+step runs too.
 Prints one progress line per step and the final mAP. Details: lib/pipeline.py.
 """
 

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("blcf")
 
+SNAPSHOT_OPTION = "--settings-snapshot"
+
 
 def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """Parser with the arguments every step shares."""
@@ -54,22 +56,19 @@ def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    # run_all starts every step on the one snapshot of the settings it validated
+    # (lib.pipeline.write_snapshot), not on the user's file: not for users, hence hidden
+    p.add_argument(SNAPSHOT_OPTION, dest="settings_snapshot", type=Path, default=None,
+                   help=argparse.SUPPRESS)
     return p
 
 
 def step_arguments(args: argparse.Namespace) -> list[str]:
-    """The shared options of :func:`make_parser` as given (``--set``, ``--data-root``,
-    ``--runs-root``, ``--quiet``), for a step started as its own process by run_all."""
-    out: list[str] = []
-    for o in args.overrides:
-        out += ["--set", o]
-    if args.data_root:
-        out += ["--data-root", str(args.data_root)]
-    if args.runs_root:
-        out += ["--runs-root", str(args.runs_root)]
-    if args.quiet:
-        out.append("--quiet")
-    return out
+    """The shared options of :func:`make_parser` that a step started as its own process by
+    run_all still needs (``--quiet``). ``--set``, ``--data-root`` and ``--runs-root`` are
+    not among them: they are already applied in the settings snapshot every step is
+    started on (:func:`lib.pipeline.write_snapshot`), and must not be applied twice."""
+    return ["--quiet"] if args.quiet else []
 
 
 def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
@@ -79,13 +78,26 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
 
 
 def load_from_args(args: argparse.Namespace):
-    """Settings from the parsed arguments (raises SettingsError)."""
-    from lib.settings import load_settings
+    """Settings from the parsed arguments (raises SettingsError).
 
-    return load_settings(
-        args.settings, overrides=args.overrides, data_root=args.data_root,
-        runs_root=args.runs_root,
-    )
+    A step started by run_all gets ``--settings-snapshot``: the settings run_all validated
+    once, written with every override applied and every path absolute. The step loads
+    (and validates) that snapshot instead of the user's file, which may have been edited
+    since run_all started; error messages still name the user's file."""
+    from lib.errors import SettingsError
+    from lib.settings import Settings, load_settings
+
+    snapshot = getattr(args, "settings_snapshot", None)
+    if snapshot is None:
+        return load_settings(
+            args.settings, overrides=args.overrides, data_root=args.data_root,
+            runs_root=args.runs_root,
+        )
+    if args.overrides or args.data_root or args.runs_root:
+        raise SettingsError(f"{SNAPSHOT_OPTION} already holds every override: give no "
+                            "--set, --data-root or --runs-root with it")
+    s = load_settings(snapshot)
+    return Settings(dict(s), Path(args.settings).resolve())
 
 
 def run_main(body: Callable[[], int | None], step: str) -> None:

@@ -25,6 +25,14 @@ command a user would type) instead of calling the entry points in one process:
   OpenMP thread pools, memory the allocator keeps: :mod:`lib.allocator`) is returned to
   the system when its process ends, before the next step starts, instead of adding up.
 
+One snapshot of the settings: :func:`run_all` writes the settings it validated (every
+``--set`` applied, every path absolute, no ``extends``) to
+``<path_output>/.run_all_settings.json`` (:func:`write_snapshot`) and starts every step on
+that file (``--settings-snapshot``, :func:`lib.cli.load_from_args`), not on the user's
+file: an edit to the settings file while ``run_all`` runs reaches none of its steps, and
+the hashes ``run_state.json`` records are those of the settings the steps used. The
+snapshot stays after the run: it is what the last ``run_all`` ran with.
+
 Locking: :func:`run_all` holds the output folder's lock (and that of ``path_features`` /
 ``path_models`` where they lie outside ``path_output``, :func:`shared_folders`) for its
 whole duration, so a second run cannot slip in between two steps; each step process
@@ -47,8 +55,9 @@ from pathlib import Path
 from typing import Any
 
 from lib.artefacts import LOCK_ENV, inheritable_locks, output_lock, read_json, write_json_atomic
+from lib.cli import SNAPSHOT_OPTION
 from lib.errors import UserError
-from lib.settings import Settings
+from lib.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +130,32 @@ def step_locks(s: Settings, steps: Sequence[str], holder: str):
         yield
 
 
+SNAPSHOT_NAME = ".run_all_settings.json"
+
+
+def snapshot_path(s: Settings) -> Path:
+    return Path(s.path_output) / SNAPSHOT_NAME
+
+
+def write_snapshot(s: Settings) -> Settings:
+    """Write ``s`` as a self-contained settings file (every key, paths absolute, no
+    ``extends``: loading it needs neither ``--set`` nor the data and runs roots) to
+    :func:`snapshot_path`, atomically, and return it loaded back (validated again) with
+    ``s.source`` as its source. Raises RuntimeError if the reloaded settings differ."""
+    path = snapshot_path(s)
+    values = s.as_dict()
+    write_json_atomic(path, {"//": f"written by run_all from {s.source}; every step of "
+                                   "that run read these settings, not that file", **values})
+    back = Settings(dict(load_settings(path)), Path(s.source))
+
+    def canon(x: Settings) -> str:
+        return json.dumps(x.as_dict(), sort_keys=True)
+
+    if canon(back) != canon(s):  # a key that does not survive JSON: a bug, not the user's
+        raise RuntimeError(f"{path}: the settings snapshot does not load back unchanged")
+    return back
+
+
 def state_path(s: Settings) -> Path:
     return Path(s.path_output) / "run_state.json"
 
@@ -144,11 +179,12 @@ def up_to_date(step: Step, s: Settings, state: dict) -> bool:
 
 def run_all(s: Settings, arguments: Sequence[str] = (), force: Sequence[str] = (),
             only: Sequence[str] | None = None) -> StepResult:
-    """Run A..E, each as its own process (see the module docstring for why), with
-    ``arguments`` (the shared command-line options, :func:`lib.cli.step_arguments`) after
-    the settings file. A failed step raises UserError naming it (its exit code kept for
-    2, 3 and 130). ``counts``: the steps run and skipped, and step E's parsed
-    results.json (empty when there is none); the summary is the final mAP line.
+    """Run A..E, each as its own process (see the module docstring for why), on one
+    snapshot of ``s`` (:func:`write_snapshot`), with ``arguments`` (the command-line options
+    a step still needs, :func:`lib.cli.step_arguments`) after the settings file. A failed
+    step raises UserError naming it (its exit code kept for 2, 3 and 130). ``counts``: the
+    steps run and skipped, and step E's parsed results.json (empty when there is none);
+    the summary is the final mAP line.
 
     The output folder (and the shared folders of :func:`shared_folders`) stay locked for
     the whole run; the steps take the locks over (module docstring)."""
@@ -159,6 +195,12 @@ def run_all(s: Settings, arguments: Sequence[str] = (), force: Sequence[str] = (
 def _run_all(s: Settings, arguments: Sequence[str], force: Sequence[str],
              only: Sequence[str] | None) -> StepResult:
     t_start = time.perf_counter()
+    # every step reads this one snapshot (module docstring); a stand-in that is no
+    # Settings (tests/test_lock.py) has none to write, its steps read its source
+    snapshot: list[str] = []
+    if isinstance(s, Settings):
+        s = write_snapshot(s)
+        snapshot = [SNAPSHOT_OPTION, str(snapshot_path(s))]
     held, fds = inheritable_locks()
     child_env = {**os.environ, LOCK_ENV: held}
     state = load_state(s)
@@ -174,7 +216,8 @@ def _run_all(s: Settings, arguments: Sequence[str], force: Sequence[str],
             continue
         print(f"[{i}/5] {step.key} {step.title}: running", flush=True)
         t0 = time.perf_counter()
-        cmd = [sys.executable, str(SCRIPTS / step.script), str(s.source), *arguments]
+        cmd = [sys.executable, str(SCRIPTS / step.script), str(s.source), *arguments,
+               *snapshot]
         rc = subprocess.call(cmd, env=child_env, pass_fds=fds)
         if rc != 0:
             raise UserError(f"step {step.key} ({step.script}) failed with exit code {rc}",

@@ -146,13 +146,46 @@ def _init_worker(_: int) -> None:
 
 
 def store_meta(settings: Any, provenance: Mapping[str, Any], count: int, created: str,
-               complete: bool) -> dict[str, Any]:
+               complete: bool, compute: Mapping[str, Any] | None = None) -> dict[str, Any]:
     from lib.artefacts import library_versions
 
     return {"provenance": dict(provenance), "layers": list(settings["layers"]),
             "feature_dtype": settings["feature_dtype"], "count": int(count),
             "settings_hash": settings.step_hash("A"), "versions": library_versions(),
-            "created": created, "complete": bool(complete)}
+            "created": created, "complete": bool(complete),
+            "compute": dict(compute) if compute is not None else None}
+
+
+def compute_record(device: torch.device) -> dict[str, Any]:
+    """What the stored maps' bits depend on besides the provenance: the device type and,
+    on the CPU, torch's intra-op thread count (``torch.get_num_threads()``, set by
+    ``OMP_NUM_THREADS``): the forward pass splits its reductions by thread, so one and two
+    threads give EfficientNet-Lite0 maps that differ in the last bits. Decode workers are
+    processes with one thread each (:func:`_init_worker`) and do not count."""
+    return {"device": device.type,
+            "threads": torch.get_num_threads() if device.type == "cpu" else None}
+
+
+def _describe(compute: Mapping[str, Any]) -> str:
+    if compute.get("threads") is None:
+        return f"on {compute.get('device')}"
+    return f"on {compute.get('device')} with {compute['threads']} intra-op thread(s)"
+
+
+def check_compute(recorded: Any, current: Mapping[str, Any], n_stored: int,
+                  where: str) -> None:
+    """Refuse to add maps computed otherwise than the stored ones (a resume under another
+    thread count or device), so that a store never mixes both. A store from before this
+    record (``recorded`` None) is not checked."""
+    if not isinstance(recorded, Mapping) or dict(recorded) == dict(current):
+        return
+    fix = (f"resume with OMP_NUM_THREADS={recorded['threads']}"
+           if recorded.get("threads") is not None and recorded.get("device") == "cpu"
+           else f"resume with device = {recorded.get('device')}")
+    raise UserError(f"{where}: its {n_stored} stored images were extracted "
+                    f"{_describe(recorded)}, this run would extract {_describe(current)}, "
+                    f"which gives other numbers; {fix}, or delete the store to extract "
+                    "every image anew")
 
 
 def check_store_meta(meta: Mapping[str, Any], provenance: Mapping[str, Any],
@@ -197,8 +230,15 @@ def run_extraction(settings: Any, image_ids: list[str], store_path: Path | None 
         stored = store.sizes()
         stale = refresh_inputs(store, settings, image_ids, stored)
         stored = {i: hw for i, hw in stored.items() if i not in stale}
-        store.set_meta(store_meta(settings, prov, len(stored), created, False))
         todo = [i for i in image_ids if i not in stored]
+        # the thread count and device the stored maps were computed with: a resume under
+        # others is refused (compute_record), a new or emptied store records this run's
+        current = compute_record(pick_device(settings["device"])) if todo else None
+        recorded = meta.get("compute") if not fresh and meta else None
+        if stored and current is not None:
+            check_compute(recorded, current, len(stored), str(path))
+        compute = (recorded if isinstance(recorded, Mapping) else None) if stored else current
+        store.set_meta(store_meta(settings, prov, len(stored), created, False, compute))
         n_skipped = len(image_ids) - len(todo)
         corrupt: dict[str, str] = dict(bad_ids)  # never stored: always retried
         ext = Extractor(settings) if todo else None
@@ -207,7 +247,7 @@ def run_extraction(settings: Any, image_ids: list[str], store_path: Path | None 
         write_corrupted(path, corrupt.items())
         n_total = len(store)
         complete = not res["interrupted"]
-        store.set_meta(store_meta(settings, prov, n_total, created, complete))
+        store.set_meta(store_meta(settings, prov, n_total, created, complete, compute))
         store.sync()
     finally:
         store.close()
