@@ -16,6 +16,7 @@ inherits another settings file's keys (resolved relative to this file).
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -42,6 +43,10 @@ class Key:
     choices: tuple[Any, ...] | None = None
     must_exist: bool = False  # a path that must exist when the settings are loaded
     length: int | None = None  # for lists of fixed length
+    # inclusive bounds of an int or float (of every element of a list[int]); floats must
+    # also be finite (no NaN or Infinity)
+    min: float | None = None
+    max: float | None = None
 
 
 NETWORKS = (
@@ -83,33 +88,33 @@ SCHEMA: tuple[Key, ...] = (
     Key("layers", "list[str]", ["conv5_1"], "layers tapped and stored (several are "
         "concatenated along channels by the reader)", "A"),
     Key("input_size", "list[int]", [336, 256], "network input H, W for portrait images "
-        "(landscape and square images use W, H)", "A", length=2),
+        "(landscape and square images use W, H)", "A", length=2, min=32, max=2048),
     Key("resize", "str", "fixed", "fixed: anisotropic resize to input_size (the paper); "
         "max_side: keep aspect ratio, longer side = max_side; none: original size", "A",
         choices=("fixed", "max_side", "none")),
-    Key("max_side", "int", 1024, "longer side for resize = max_side", "A"),
+    Key("max_side", "int", 1024, "longer side for resize = max_side", "A", min=32, max=2048),
     Key("antialias", "bool", False, "antialias when downsizing images (the original had "
         "none)", "A"),
     Key("feature_dtype", "str", "float16", "dtype of stored maps", "A",
         choices=("float16", "float32")),
-    Key("batch_size", "int", 8, "images per forward pass", "-"),
+    Key("batch_size", "int", 8, "images per forward pass", "-", min=1),
     Key("num_workers", "int", 2, "DataLoader decode workers (0 = in the main process)", "-"),
     Key("device", "str", "auto", "auto (CUDA when present), cpu or cuda", "-",
         choices=("auto", "cpu", "cuda")),
     Key("precision", "str", "fp32", "network arithmetic: fp32, fp16 or bf16 (fp16/bf16 on "
         "CUDA only)", "A", choices=("fp32", "fp16", "bf16")),
     Key("max_image_pixels", "int", 178956970, "decompression-bomb guard: larger images are "
-        "listed as corrupt and skipped", "A"),
+        "listed as corrupt and skipped", "A", min=1),
     # ---- reader (B, C, D)
     Key("new_dim", "list[int]", [42, 32], "portrait H, W the maps are upsampled to "
         "(bilinear, aligned corners) before assignment; null = native map size", "B",
-        nullable=True, length=2),
+        nullable=True, length=2, min=1, max=256),
     Key("l2norm", "bool", True, "L2-normalise local features before and after PCA", "B"),
     # ---- step B
     Key("TRAIN_PCA", "bool", True, "fit PCA-whitening in step B (false: reuse the one in "
         "path_models)", "B"),
     Key("TRAIN_CENTROIDS", "bool", True, "fit the codebook in step B (false: reuse)", "B"),
-    Key("pca_dim", "int", 512, "PCA output dimension", "B"),
+    Key("pca_dim", "int", 512, "PCA output dimension", "B", min=1),
     Key("whiten", "bool", True, "whiten the PCA output", "B"),
     Key("n_centers", "int", 25000, "vocabulary size K", "B"),
     Key("n_samples", "int", 3000000, "at most this many local features for PCA and k-means "
@@ -147,7 +152,7 @@ SCHEMA: tuple[Key, ...] = (
     Key("query_ma", "int", 5, "asmk: words per query feature (multiple assignment)", "D"),
     Key("asmk_alpha", "float", 3.0, "asmk: selectivity exponent alpha of sim**alpha", "D"),
     Key("asmk_tau", "float", 0.0, "asmk: similarity threshold tau (word pairs below it "
-        "count 0)", "D"),
+        "count 0)", "D", min=-1, max=1),
     Key("stream_distractors", "bool", False, "extract + assign the distractors in one pass "
         "and keep only their assignment maps (no float maps on disk)", "A"),
     # ---- step D
@@ -163,7 +168,7 @@ SCHEMA: tuple[Key, ...] = (
         "D"),
     Key("top", "int", 100, "how many top results re-ranking analyses", "D"),
     Key("ar_threshold", "float", 0.4, "re-ranking: discard windows whose aspect-ratio "
-        "similarity to the query box is below this", "D"),
+        "similarity to the query box is below this", "D", min=0, max=1),
     Key("pyramid_levels", "int", 2, "re-ranking: spatial pyramid levels (1 = window only)",
         "D", choices=(1, 2)),
     Key("query_expansion", "str", "none", "none, gqe (top images) or lqe (their best "
@@ -183,10 +188,11 @@ SCHEMA: tuple[Key, ...] = (
         "averages: top (the paper: all of them) or verified (those whose best-window score "
         "is at least qe_verify times the best of them)", "D", choices=("top", "verified")),
     Key("qe_verify", "float", 0.8, "qe_select = verified: keep a top result whose "
-        "best-window score is at least this fraction of the best one's (0: all)", "D"),
+        "best-window score is at least this fraction of the best one's (0: all)", "D",
+        min=0, max=1),
     Key("pooling", "str", "sum", "D_rankings_Pooling: sum, max, gem or rmac", "D",
         choices=("sum", "max", "gem", "rmac")),
-    Key("gem_p", "float", 3.0, "GeM exponent", "D"),
+    Key("gem_p", "float", 3.0, "GeM exponent", "D", min=0.1, max=100),
     Key("pooling_pca", "bool", True, "D_rankings_Pooling: PCA-whiten pooled vectors (fit on "
         "the database)", "D"),
     # ---- optional step T (T_train_triplet) and R-MAC
@@ -213,6 +219,9 @@ SCHEMA: tuple[Key, ...] = (
 )
 
 SCHEMA_BY_NAME: dict[str, Key] = {k.name: k for k in SCHEMA}
+
+# a settings file larger than this is refused before it is read
+MAX_SETTINGS_BYTES = 16 * 2**20
 
 
 class Settings(Mapping[str, Any]):
@@ -295,7 +304,12 @@ def _check_type(k: Key, v: Any, source: Path, to_path) -> Any:
     elif t == "float":
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise bad(f"expected a number, got {v!r}")
-        v = float(v)
+        try:
+            v = float(v)
+        except OverflowError:
+            raise bad(f"expected a finite number, got {v}") from None
+        if not math.isfinite(v):
+            raise bad(f"expected a finite number, got {v}")
     elif t == "str":
         if not isinstance(v, str):
             raise bad(f"expected a string, got {v!r}")
@@ -317,9 +331,24 @@ def _check_type(k: Key, v: Any, source: Path, to_path) -> Any:
         v = list(v)
     if k.choices is not None and v not in k.choices:
         raise bad(f"{v!r} is not one of {', '.join(map(repr, k.choices))}")
+    if k.min is not None or k.max is not None:
+        for x in (v if isinstance(v, list) else [v]):
+            if (k.min is not None and x < k.min) or (k.max is not None and x > k.max):
+                raise bad(f"must be {_range_text(k)}, got {x}")
     if t in ("int",) and v is not None and v < 0:
         raise bad(f"must be >= 0, got {v}")
     return v
+
+
+def _range_text(k: Key) -> str:
+    def num(x: float) -> str:
+        return str(int(x)) if float(x).is_integer() else str(x)
+
+    if k.min is not None and k.max is not None:
+        return f"between {num(k.min)} and {num(k.max)}"
+    if k.min is not None:
+        return f">= {num(k.min)}"
+    return f"<= {num(k.max)}"
 
 
 def parse_override(item: str, source: Path) -> tuple[str, Any]:
@@ -330,7 +359,7 @@ def parse_override(item: str, source: Path) -> tuple[str, Any]:
     key = key.strip()
     try:
         val = json.loads(raw)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         val = raw
     return key, val
 
@@ -341,10 +370,29 @@ def _read_with_extends(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any
         raise SettingsError(f"{path}: 'extends' cycle")
     if not path.exists():
         raise SettingsError(f"{path}: settings file not found")
+    if not path.is_file():
+        raise SettingsError(f"{path}: the settings path is not a regular file (a folder or a "
+                            "device?); give the settings JSON file")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        size = path.stat().st_size
+    except OSError as e:
+        raise SettingsError(f"{path}: cannot read the settings file ({e.strerror})") from None
+    if size > MAX_SETTINGS_BYTES:
+        raise SettingsError(f"{path}: settings file of {size} bytes is larger than the "
+                            f"{MAX_SETTINGS_BYTES // 2**20} MiB a settings file may have")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise SettingsError(f"{path}: cannot read the settings file ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise SettingsError(f"{path}: the settings file is not UTF-8 text (byte {e.start}: "
+                            f"{e.reason})") from None
+    try:
+        raw = json.loads(text)
     except json.JSONDecodeError as e:
         raise SettingsError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise SettingsError(f"{path}: not valid settings JSON (nested too deeply)") from None
     if not isinstance(raw, dict):
         raise SettingsError(f"{path}: expected a JSON object")
     raw.pop("_comment", None)
@@ -429,5 +477,7 @@ def schema_markdown() -> str:
     for k in SCHEMA:
         d = "required" if k.required else json.dumps(k.default)
         t = k.type + (" or null" if k.nullable else "")
+        if k.min is not None or k.max is not None:
+            t += f", {_range_text(k)}"
         rows.append(f"| `{k.name}` | {t} | {d} | {k.step} | {k.doc} |")
     return "\n".join(rows)

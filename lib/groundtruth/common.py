@@ -14,6 +14,65 @@ from lib.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 
+# a ground-truth file larger than this is refused before it is read
+MAX_GT_BYTES = 2**30
+
+
+def read_gt_bytes(path: Path, what: str = "ground-truth file") -> bytes:
+    """Content of a ground-truth file, refused up front (UserError) unless it is a regular
+    file of at most :data:`MAX_GT_BYTES`: a device (``/dev/zero``) would be read until
+    memory runs out, a FIFO would block forever."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: {what} missing")
+    if not path.is_file():
+        raise UserError(f"{path}: {what} is not a regular file (a folder, device or FIFO)")
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the {what} ({e.strerror})") from None
+    if size > MAX_GT_BYTES:
+        raise UserError(f"{path}: {what} of {size} bytes is larger than the "
+                        f"{MAX_GT_BYTES // 2**30} GiB a ground-truth file may have")
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the {what} ({e.strerror})") from None
+
+
+def read_gt_text(path: Path, what: str = "ground-truth file") -> str:
+    """:func:`read_gt_bytes` decoded as UTF-8 (UserError when it is not)."""
+    try:
+        return read_gt_bytes(path, what).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: {what} is not UTF-8 text (byte {e.start}: "
+                        f"{e.reason})") from None
+
+
+def unsafe_id_reason(image_id: object) -> str | None:
+    """Why ``image_id`` cannot name a file inside its root (None when it can): ids are
+    relative '/'-separated paths without '.', '..' or empty parts."""
+    if not isinstance(image_id, str):
+        return f"is a {type(image_id).__name__}, not a string"
+    if not image_id:
+        return "is empty"
+    if "\0" in image_id:
+        return "contains a NUL character"
+    if image_id.startswith("/"):
+        return "is an absolute path"
+    parts = image_id.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        return "has an empty, '.' or '..' part (it must stay inside its folder)"
+    return None
+
+
+def check_id(image_id: object, what: str) -> None:
+    """UserError naming ``image_id`` (``what``: where it comes from) when it would
+    resolve outside its root."""
+    why = unsafe_id_reason(image_id)
+    if why is not None:
+        raise UserError(f"{what} {image_id!r} {why}")
+
 
 @dataclass
 class Query:
@@ -71,7 +130,9 @@ def list_images(root: Path, prefix: str = "") -> list[str]:
 
 
 def find_image(root: Path, image_id: str) -> Path:
-    """The file of ``image_id`` under ``root`` (any known extension, either case)."""
+    """The file of ``image_id`` under ``root`` (any known extension, either case). An id
+    that would leave ``root`` (absolute, '..') is refused."""
+    check_id(image_id, f"image id under {root}:")
     base = Path(root) / image_id
     for ext in IMAGE_EXTENSIONS:
         for e in (ext, ext.upper()):

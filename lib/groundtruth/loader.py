@@ -8,12 +8,20 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from lib.errors import UserError
-from lib.groundtruth.common import GroundTruth, Query, find_image, list_images
+from lib.groundtruth.common import (
+    GroundTruth,
+    Query,
+    find_image,
+    list_images,
+    read_gt_text,
+    unsafe_id_reason,
+)
 
 DISTRACTOR_PREFIX = "distractors/"
 
@@ -61,7 +69,32 @@ def load_ground_truth(settings: Mapping[str, Any]) -> GroundTruth:
     if settings.get("path_distractors"):
         extra = list_images(Path(settings["path_distractors"]), prefix=DISTRACTOR_PREFIX)
         gt.db_ids = gt.db_ids + extra
+    check_ground_truth_ids(gt, args[0])
     return gt
+
+
+def check_ground_truth_ids(gt: GroundTruth, source: Path) -> None:
+    """Refuse (UserError naming the id) a database id, query image id or query name that
+    would resolve outside its folder (absolute, '..'; query names become
+    ``lists/<name>.txt``), and duplicate query names, before anything is computed."""
+    for i in gt.db_ids:
+        why = unsafe_id_reason(i)
+        if why is not None:
+            raise UserError(f"{source}: database image id {i!r} {why}")
+    seen: set[str] = set()
+    for q in gt.queries:
+        for what, v in (("query name", q.name), ("query image id", q.image)):
+            why = unsafe_id_reason(v)
+            if why is not None:
+                raise UserError(f"{source}: {what} {v!r} {why}")
+        if q.name in seen:
+            raise UserError(f"{source}: duplicate query name {q.name!r} (each query writes "
+                            f"lists/<name>.txt; names must be unique)")
+        seen.add(q.name)
+        for v in (*q.positives, *q.junk):
+            why = unsafe_id_reason(v)
+            if why is not None:
+                raise UserError(f"{source}: query {q.name!r}: judged image id {v!r} {why}")
 
 
 def image_path(settings: Mapping[str, Any], image_id: str, query: bool = False) -> Path:
@@ -79,10 +112,28 @@ def image_path(settings: Mapping[str, Any], image_id: str, query: bool = False) 
 def _bbox(v: Any, where: str) -> tuple[float, float, float, float] | None:
     if v is None:
         return None
+    bad = UserError(f"{where}: bbx must be [x1, y1, x2, y2] of finite numbers, got {v!r}")
+    if isinstance(v, (str, bytes, Mapping)):
+        raise bad
     try:
-        x1, y1, x2, y2 = (float(x) for x in v)
-    except (TypeError, ValueError):
-        raise UserError(f"{where}: bbx must be [x1, y1, x2, y2], got {v!r}") from None
+        vals = list(v)
+    except TypeError:
+        raise bad from None
+    if len(vals) != 4:
+        raise bad
+    coords = []
+    for x in vals:
+        # numbers only (numpy scalars included); not strings, not booleans
+        if isinstance(x, (bool, str, bytes)) or type(x).__name__ == "bool_":
+            raise bad
+        try:
+            f = float(x)
+        except (TypeError, ValueError, OverflowError):
+            raise bad from None
+        if not math.isfinite(f):
+            raise bad
+        coords.append(f)
+    x1, y1, x2, y2 = coords
     if not (x2 > x1 and y2 > y1):
         raise UserError(f"{where}: bbx {list(v)} has zero or negative area")
     return x1, y1, x2, y2
@@ -144,10 +195,14 @@ def read_generic_json(path_gt: Path, path_images: Path, name: str) -> GroundTrut
     """A JSON file in the revisited layout (the format is in docs/formats.md)."""
     if path_gt.is_dir():
         raise UserError(f"{path_gt}: gt_format 'generic' expects a JSON file, not a folder")
+    text = read_gt_text(path_gt, "ground-truth JSON")
     try:
-        data = json.loads(path_gt.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
         raise UserError(f"{path_gt}: cannot read ground-truth JSON ({e})") from None
+    except RecursionError:
+        raise UserError(f"{path_gt}: cannot read ground-truth JSON (nested too "
+                        "deeply)") from None
     gt = read_revisited_layout(data, name, path_gt, "generic")
     if any(q.easy is not None for q in gt.queries):
         gt.protocol = "revisited"
@@ -165,6 +220,7 @@ def check_images_exist(gt: GroundTruth, settings: Mapping[str, Any]) -> list[str
     return missing
 
 
-__all__ = ["DISTRACTOR_PREFIX", "READERS", "check_images_exist", "image_path",
+__all__ = ["DISTRACTOR_PREFIX", "READERS", "check_ground_truth_ids", "check_images_exist",
+           "image_path",
            "list_images", "load_ground_truth", "read_generic_json", "read_revisited_layout",
            "register"]

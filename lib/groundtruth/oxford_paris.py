@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from lib.errors import UserError
-from lib.groundtruth.common import GroundTruth, Query, list_images
+from lib.groundtruth.common import GroundTruth, Query, list_images, read_gt_text
 from lib.groundtruth.loader import register
 
 log = logging.getLogger(__name__)
@@ -23,10 +23,7 @@ _TOPIC = re.compile(r"^(?P<landmark>.+)_(?P<k>\d+)$")
 
 
 def _read_ids(path: Path) -> list[str]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: ground-truth file missing") from None
+    text = read_gt_text(path, "ground-truth file")
     return [ln.strip() for ln in text.splitlines() if ln.strip()]
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lib.errors import UserError
-from lib.groundtruth.common import GroundTruth
+from lib.groundtruth.common import GroundTruth, read_gt_bytes
 from lib.groundtruth.loader import read_revisited_layout, register
 
 # (module, name) pairs a pickle of containers and numpy arrays may reference.
@@ -52,15 +52,17 @@ class RestrictedUnpickler(pickle.Unpickler):
 def load_restricted_pickle(path: Path) -> Any:
     """Content of a ground-truth pickle, refusing anything but data (UserError)."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{path}: ground-truth pickle not found") from None
+    if not path.exists():
+        raise UserError(f"{path}: ground-truth pickle not found")
+    data = read_gt_bytes(path, "ground-truth pickle")
     try:
         return RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
     except pickle.UnpicklingError as e:
         raise UserError(f"{path}: refused to load ({e}); only plain containers and numpy "
                         "arrays are accepted") from None
+    except RecursionError:
+        raise UserError(f"{path}: not a readable ground-truth pickle (nested too "
+                        "deeply)") from None
     except (EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
         raise UserError(f"{path}: not a readable ground-truth pickle ({e})") from None
 

@@ -25,7 +25,13 @@ import numpy as np
 from PIL import Image
 
 from lib.errors import UserError
-from lib.groundtruth.common import IMAGE_EXTENSIONS, GroundTruth, Query, list_images
+from lib.groundtruth.common import (
+    IMAGE_EXTENSIONS,
+    GroundTruth,
+    Query,
+    list_images,
+    read_gt_text,
+)
 from lib.groundtruth.loader import register
 
 log = logging.getLogger(__name__)
@@ -47,10 +53,9 @@ def shot_of(keyframe_id: str) -> str:
 
 def read_qrels(path: Path) -> dict[str, frozenset[str]]:
     """Topic -> relevant shots, from ``topic 0 shot rel`` lines (topics in file order)."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (FileNotFoundError, IsADirectoryError):
-        raise UserError(f"{path}: qrels file not found") from None
+    if not Path(path).exists() or Path(path).is_dir():
+        raise UserError(f"{path}: qrels file not found")
+    lines = read_gt_text(Path(path), "qrels file").splitlines()
     out: dict[str, set[str]] = {}
     for n, ln in enumerate(lines, 1):
         parts = ln.split()
