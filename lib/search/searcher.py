@@ -196,22 +196,19 @@ class BowSearcher:
             t0 = time.perf_counter()
             n = min(int(self.s["qe_top"]), order.size)
             tops = self._expansion_set(eq, order[:n].tolist(), wscores)
-            if self.s["kernel"] == "asmk":
+            if self.s["kernel"] == "asmk":  # the expansion's search is the kernel's own
                 order, scores = self._asmk_expand(first, tops)
                 t["qe"] += time.perf_counter() - t0
-                if self.s["rerank"]:
-                    t0 = time.perf_counter()
-                    order, scores, locs, _, _ = self._rerank(eq, order, scores)
-                    t["rerank"] += time.perf_counter() - t0
-                return Ranked(order, scores, locs, {k: v * 1000.0 for k, v in t.items()})
-            if qe == "gqe":
-                q2 = expansion.gqe(eq.vector, [self._db_vector(i) for i in tops])
-            else:  # lqe: the best windows of the re-ranked top (within the top `top`)
-                q2 = expansion.lqe(eq.vector, [windows[i] for i in tops if i in windows])
-            t["qe"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            order, scores = self.index.search(q2)
-            t["search"] += time.perf_counter() - t0
+            else:
+                if qe == "gqe":
+                    q2 = expansion.gqe(eq.vector, [self._db_vector(i) for i in tops])
+                else:  # lqe: the best windows of the re-ranked top (within the top `top`)
+                    q2 = expansion.lqe(eq.vector,
+                                       [windows[i] for i in tops if i in windows])
+                t["qe"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                order, scores = self.index.search(q2)
+                t["search"] += time.perf_counter() - t0
             if self.s["rerank"]:
                 t0 = time.perf_counter()
                 order, scores, locs, _, _ = self._rerank(eq, order, scores)
