@@ -232,28 +232,32 @@ def _store_identity(path: str | Path | None) -> list[int] | None:
     return None if path is None else file_identity(Path(path) / "data.mdb")
 
 
-def step_inputs(settings: Mapping[str, Any], step: str) -> dict[str, Any]:
+def _ground_truth(settings: Mapping[str, Any]) -> Any:
+    """The ground truth, or None when it cannot be read (the step reports it when it
+    runs; a hash must not fail first)."""
+    from lib.groundtruth.loader import load_ground_truth
+
+    try:
+        return load_ground_truth(settings)
+    except UserError:
+        return None
+
+
+def step_inputs(settings: Mapping[str, Any], step: str, gt: Any) -> dict[str, Any]:
     """The identity of every input file ``step`` itself reads (earlier steps' inputs are
     added by :func:`step_hash`). A: the ground truth, the weights file (inside the feature
     provenance) and every database image; B: ``train_store``'s data file and the models it
-    reuses instead of training; D: every query image."""
-    from lib.groundtruth.loader import load_ground_truth
-
-    def gt() -> Any:
-        try:
-            return load_ground_truth(settings)
-        except UserError:  # unreadable ground truth: the step reports it when it runs
-            return None
-
+    reuses instead of training; D: every query image. ``gt``: the loaded ground truth
+    (None: unreadable), passed in so that hashing several steps reads it once (the
+    distractor listing of a 1M set is not free)."""
     if step == "A":
-        g = gt()
         try:
             prov: dict[str, Any] | None = expected_provenance(settings)
         except UserError:  # e.g. a missing weights file: step A reports it
             prov = None
         return {"feature_provenance": prov,
                 "path_gt": content_identity(settings["path_gt"]),
-                "images": None if g is None else images_identity(settings, g.db_ids)}
+                "images": None if gt is None else images_identity(settings, gt.db_ids)}
     if step == "B":
         p_pca, p_cb = models_paths(settings)
         return {"train_store": _store_identity(settings["train_store"]),
@@ -261,9 +265,8 @@ def step_inputs(settings: Mapping[str, Any], step: str) -> dict[str, Any]:
                 "reused_codebook": (None if settings["TRAIN_CENTROIDS"]
                                     else file_identity(p_cb))}
     if step == "D":
-        g = gt()
-        return {"queries": None if g is None else images_identity(
-            settings, [q.image for q in g.queries], query=True)}
+        return {"queries": None if gt is None else images_identity(
+            settings, [q.image for q in gt.queries], query=True)}
     return {}
 
 
@@ -272,5 +275,6 @@ def step_hash(settings: Any, step: str, keys: Mapping[str, Any]) -> str:
     the identities of the input files of ``step`` and every earlier step. Equal hashes:
     the step's output would be the same."""
     upto = STEPS[: STEPS.index(step) + 1]
+    gt = _ground_truth(settings)  # once for A's and D's inputs
     return canonical_hash({"keys": dict(keys),
-                           "inputs": {s: step_inputs(settings, s) for s in upto}})
+                           "inputs": {s: step_inputs(settings, s, gt) for s in upto}})
