@@ -379,3 +379,16 @@ def run_pipeline_fresh(settings: Path, steps: str = "ABCDE", timeout: float = 60
     return subprocess.run([sys.executable, "-c", _SEQUENCE_RUNNER, str(settings), steps],
                           capture_output=True, text=True, timeout=timeout, env=env(),
                           cwd=REPO)
+
+
+def install_fake_steps(folder: Path, monkeypatch: Any, source: str) -> None:
+    """Make ``run_all`` start ``source`` (a Python script) for every step instead of the
+    real scripts, outside any lock its caller's environment named."""
+    from lib import pipeline
+    from lib.artefacts import LOCK_ENV
+
+    folder.mkdir()
+    for step in pipeline.STEPS:
+        (folder / step.script).write_text(source)
+    monkeypatch.setattr(pipeline, "SCRIPTS", folder)
+    monkeypatch.delenv(LOCK_ENV, raising=False)

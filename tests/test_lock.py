@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers_pipeline import install_fake_steps
 
 from lib import cli, pipeline
 from lib.artefacts import LOCK_ENV, inheritable_locks, output_lock
@@ -159,12 +160,7 @@ for folder in [cfg["out"], *cfg["shared"]]:
 
 
 def test_run_all_holds_the_locks_between_its_steps(tmp_path, monkeypatch):
-    scripts = tmp_path / "scripts"
-    scripts.mkdir()
-    for step in pipeline.STEPS:
-        (scripts / step.script).write_text(_FAKE_STEP)
-    monkeypatch.setattr(pipeline, "SCRIPTS", scripts)
-    monkeypatch.delenv(LOCK_ENV, raising=False)
+    install_fake_steps(tmp_path / "scripts", monkeypatch, _FAKE_STEP)
     s = _FakeSettings(tmp_path)
     pipeline.run_all(s, [_CHILD])
     log = (tmp_path / "log.txt").read_text().splitlines()

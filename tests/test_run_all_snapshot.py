@@ -11,10 +11,9 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers_pipeline import make_dataset
+from helpers_pipeline import install_fake_steps, make_dataset
 
 from lib import cli, pipeline
-from lib.artefacts import LOCK_ENV
 from lib.errors import SettingsError
 from lib.settings import load_settings
 
@@ -50,12 +49,7 @@ for out in step.outputs(s):
 
 @pytest.fixture
 def fake_steps(tmp_path, monkeypatch):
-    scripts = tmp_path / "scripts"
-    scripts.mkdir()
-    for step in pipeline.STEPS:
-        (scripts / step.script).write_text(_FAKE_STEP)
-    monkeypatch.setattr(pipeline, "SCRIPTS", scripts)
-    monkeypatch.delenv(LOCK_ENV, raising=False)
+    install_fake_steps(tmp_path / "scripts", monkeypatch, _FAKE_STEP)
     log = tmp_path / "log.jsonl"
     monkeypatch.setenv("FAKE_LOG", str(log))
     return log
