@@ -2,8 +2,9 @@
 
 Reads a ranking folder written by D (--ranking; default <path_output>/bow; a relative
 name such as pooling_sum is taken inside path_output) and the ground truth named by the
-settings. Writes into that folder: map.txt (one AP per line in queries.txt order, nan:
-no positives), results.json (mAP, per-query AP, per-landmark or easy/medium/hard
+settings. Writes into that folder: map.txt (one AP per line in queries.txt order; a
+query without positives is left out of it and of the mean, and named in results.json),
+results.json (mAP, per-query AP, per-landmark or easy/medium/hard
 blocks) and, when the settings say report = true, report/ (HTML). AP follows the Oxford
 compute_ap rule. Details: lib/evaluation/step.py.
 """

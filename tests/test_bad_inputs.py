@@ -255,13 +255,16 @@ def test_malformed_oxford_query_line(tmp_path):
 
 
 def test_empty_positive_set_is_left_out_of_the_mean(built, tmp_path):
-    """Not an error: AP is undefined (nan in map.txt) and the mean skips the query."""
+    """Not an error: AP is undefined, so the query is left out of map.txt and of the
+    mean, and results.json names it (map.txt never holds nan)."""
     s = _copy(built, tmp_path / "r")
     gt = _gt_variant(s, 1, ok=[], junk=[])
     call_step("E", s, f"path_gt={gt}")
     lines = (s.parent / "run" / "bow" / "map.txt").read_text().split()
-    assert len(lines) == 2 and lines[1] == "nan" and float(lines[0]) >= 0
+    assert len(lines) == 1 and float(lines[0]) >= 0  # q_1 has no positives: left out
     res = json.loads((s.parent / "run" / "bow" / "results.json").read_text())
+    assert res["queries_without_positives"] == ["q_1"]
+    assert res["per_query"]["q_1"] is None
     assert res["map"] == pytest.approx(float(lines[0]), abs=1e-4)
 
 

@@ -169,3 +169,35 @@ def test_evaluate_oxford_per_landmark_and_errors() -> None:
         evaluate(gt, _rankings(gt, {"balliol_1": ["b1", "zz"]}))
     with pytest.raises(UserError, match="'nope' is not in ground truth"):
         evaluate(gt, _rankings(gt, {"nope": ["b1"]}))
+
+
+def test_queries_without_positives_warned_left_out_and_listed(caplog) -> None:
+    db = ["a", "b", "c"]
+    qs = [Query("q1", "a", None, frozenset({"a"}), frozenset()),
+          Query("q2", "b", None, frozenset(), frozenset({"c"})),
+          Query("q3", "c", None, frozenset({"b"}), frozenset())]
+    gt = GroundTruth("g", "generic", db, qs)
+    with caplog.at_level("WARNING"):
+        res = evaluate(gt, _rankings(gt, {"q1": ["a", "b", "c"], "q2": ["a", "b", "c"],
+                                          "q3": ["a", "b", "c"]}))
+    assert res["queries_without_positives"] == ["q2"]
+    assert res["per_query"]["q2"] is None
+    assert res["n_queries"] == 2 and res["n_queries_listed"] == 3
+    assert res["map"] == pytest.approx((1.0 + 0.25) / 2)  # q2 is not in the mean
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("q2" in m and "left out of the mean" in m for m in warned)
+    # every query has positives: an empty list, no warning
+    caplog.clear()
+    ok = GroundTruth("g", "generic", db, [qs[0], qs[2]])
+    res = evaluate(ok, _rankings(ok, {"q1": ["a", "b", "c"], "q3": ["a", "b", "c"]}))
+    assert res["queries_without_positives"] == []
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_revisited_lists_queries_without_positives_per_protocol() -> None:
+    gt = _revisited_gt()
+    res = evaluate(gt, _rankings(gt, {"q1": list("cbxayz"), "q2": list("xyzabc")}))
+    # q2 has no hard positives: left out of Hard only; the top level is Medium's
+    assert res["hard"]["queries_without_positives"] == ["q2"]
+    assert res["easy"]["queries_without_positives"] == []
+    assert res["queries_without_positives"] == res["medium"]["queries_without_positives"] == []

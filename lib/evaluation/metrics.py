@@ -10,7 +10,9 @@ junk-free rank r (0-based) this is the term ``(k/r + (k+1)/(r+1)) / 2 / n_pos`` 
 ``k/r := 1`` at r = 0, which is how the vectorised variant computes it.
 
 Queries without positives have no AP (NaN) and are left out of every mean, as the
-revisited protocol's official code does; ``n_queries`` counts the evaluated ones.
+revisited protocol's official code does; ``n_queries`` counts the evaluated ones and
+``queries_without_positives`` names the others (with a warning), so a mean over fewer
+queries than were listed is never silent.
 """
 
 from __future__ import annotations
@@ -160,10 +162,23 @@ def _orders(gt: GroundTruth, rankings: Any, index: Mapping[str, int]) -> dict[st
     return out
 
 
+def _without_positives(queries: Sequence[Query], aps: Sequence[float],
+                       label: str) -> list[str]:
+    """Names of the queries with no AP (no positives), warned about by name: they are
+    left out of the mean, which a reader of the mAP alone would not know."""
+    names = [q.name for q, a in zip(queries, aps) if math.isnan(a)]
+    if names:
+        log.warning("%d of %d queries have no positives%s and are left out of the mean: %s",
+                    len(names), len(aps), label, ", ".join(names))
+    return names
+
+
 def _protocol_block(orders: Mapping[str, np.ndarray], queries: Sequence[Query],
                     sets: Sequence[tuple[Collection[str], Collection[str]]],
-                    index: Mapping[str, int], n_db: int, with_mp: bool) -> dict[str, Any]:
-    """mAP (and mP@k) over the queries, given (positives, junk) per query."""
+                    index: Mapping[str, int], n_db: int, with_mp: bool,
+                    label: str = "") -> dict[str, Any]:
+    """mAP (and mP@k) over the queries, given (positives, junk) per query; ``label``
+    names the protocol in the warning about queries without positives."""
     aps, mps = [], []
     for q, (pos, junk) in zip(queries, sets):
         n_pos = len(set(pos))
@@ -179,6 +194,7 @@ def _protocol_block(orders: Mapping[str, np.ndarray], queries: Sequence[Query],
         "map": _mean(aps),
         "n_queries": int(sum(not math.isnan(a) for a in aps)),
         "per_query": {q.name: _jsonable(a) for q, a in zip(queries, aps)},
+        "queries_without_positives": _without_positives(queries, aps, label),
     }
     if with_mp:
         m = np.array(mps)
@@ -203,7 +219,8 @@ def evaluate_revisited(orders: Mapping[str, np.ndarray], queries: Sequence[Query
         "medium": [(q.easy | q.hard, q.junk) for q in queries],
         "hard": [(q.hard, q.junk | q.easy) for q in queries],
     }
-    return {name: _protocol_block(orders, queries, s, index, n_db, with_mp=True)
+    return {name: _protocol_block(orders, queries, s, index, n_db, with_mp=True,
+                                  label=f" in the {name} protocol")
             for name, s in setups.items()}
 
 
@@ -227,6 +244,8 @@ def evaluate_trecvid(gt: GroundTruth, orders: Mapping[str, np.ndarray],
                                           len(rel)))
     return {"map": _mean(aps), "n_queries": int(sum(not math.isnan(a) for a in aps)),
             "per_query": {q.name: _jsonable(a) for q, a in zip(queries, aps)},
+            "queries_without_positives": _without_positives(queries, aps,
+                                                            " (no relevant shot)"),
             "level": "shot"}
 
 
@@ -240,8 +259,9 @@ def _per_topic(queries: Sequence[Query], per_query: Mapping[str, float | None]) 
 
 def evaluate(gt: GroundTruth, rankings: Any) -> dict[str, Any]:
     """Every metric ``results.json`` holds for ``rankings``
-    (a :class:`lib.search.rankings.Rankings`): ``map``, ``n_queries``, ``per_query``
-    (queries.txt order; null = no positives), ``per_landmark`` (oxford protocol),
+    (a :class:`lib.search.rankings.Rankings`): ``map``, ``n_queries`` (evaluated),
+    ``n_queries_listed``, ``per_query`` (queries.txt order; null = no positives),
+    ``queries_without_positives`` (left out of the mean), ``per_landmark`` (oxford),
     ``easy``/``medium``/``hard`` blocks (revisited; the top-level
     numbers are Medium's), ``per_topic`` and ``level: shot`` (trecvid)."""
     index = {i: n for n, i in enumerate(gt.db_ids)}
@@ -261,7 +281,8 @@ def evaluate(gt: GroundTruth, rankings: Any) -> dict[str, Any]:
         blocks = evaluate_revisited(orders, queries, index, n_db)
         out.update(blocks)
         med = blocks["medium"]
-        out.update(map=med["map"], n_queries=med["n_queries"], per_query=med["per_query"])
+        out.update(map=med["map"], n_queries=med["n_queries"], per_query=med["per_query"],
+                   queries_without_positives=med["queries_without_positives"])
     elif gt.protocol == "trecvid":
         out.update(evaluate_trecvid(gt, orders, queries))
         out["per_topic"] = _per_topic(queries, out["per_query"])

@@ -1,36 +1,42 @@
 """The visual HTML report of one ranking folder (step E), for any dataset.
 
-Why: a mAP number says nothing about *how* a system fails. The report shows, per query,
-the query image with its box and the top-k results with their localisation boxes (from
-spatial re-ranking when it ran), framed green / red / grey for positive / negative / junk,
-with the query's AP; a summary table; and two PNG charts (per-query AP, precision-recall).
+Why: a mAP number says nothing about *how* a system fails. The report shows a summary,
+two charts (per-query AP, worst first, each bar linking to its query; every query's
+precision-recall curve), an index of the queries worst first (a button switches to name
+order), and one section per query with an anchor: the query image with its box, its AP,
+its search mode (box or whole image, and why), the top-k results framed green / red /
+grey for positive / negative / junk with their scores and localisation boxes, and, when
+a negative outranks the first positive, that negative and the first positive side by
+side with the query, which is usually where the reason for a failure shows.
 
-Layout (``<ranking_dir>/report/``, replaced atomically as a whole):
-``index.html``, ``ap_per_query.png``, ``pr_curves.png`` and ``thumbs/`` (one small JPEG
-per image shown, named by a hash of its id; boxes are drawn by the page as CSS overlays in
-percent of the image, so one thumbnail serves every box on that image). The page needs no
-network and no JavaScript.
+Built with Jinja2 templates (``templates/``, autoescaped) and inline SVG charts
+(:mod:`lib.evaluation.charts`). Layout (``<ranking_dir>/report/``, replaced atomically as
+a whole): ``index.html`` and ``thumbs/`` (one small JPEG per image shown, named by a hash
+of its id; boxes are CSS overlays in percent of the image, so one thumbnail serves every
+box on that image). The page needs no network; its only script is the order toggle,
+inline in the page.
 """
 
 from __future__ import annotations
 
 import hashlib
-import html
 import logging
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from jinja2 import Environment, PackageLoader, StrictUndefined
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from lib.artefacts import atomic_path
 from lib.errors import UserError
+from lib.evaluation.charts import ap_chart, pr_chart
 from lib.evaluation.metrics import evaluate, precision_recall
-from lib.evaluation.plots import Series, bar_chart, line_chart
 from lib.features.images import load_image
 from lib.groundtruth.common import GroundTruth, Query
 from lib.groundtruth.loader import image_path
@@ -38,9 +44,13 @@ from lib.groundtruth.loader import image_path
 log = logging.getLogger(__name__)
 
 THUMB_SIDE = 240  # longer side of a thumbnail file, pixels (sharp on high-DPI screens)
-SHOW_SIDE = 160  # longer side as displayed on the page, CSS pixels
-RECALL_LEVELS = np.linspace(0.0, 1.0, 101)
+SHOW_SIDE = 160  # longer side as displayed in a result row, CSS pixels
+AID_SIDE = 240  # longer side in the "why did this fail" panel
 _PER_QUERY_KEYS = ("per_query", "aps", "ap", "query_ap")
+FRAME_COLOURS = {"query": "#1f3b8f", "pos": "#1a9e1a", "neg": "#d62728", "junk": "#9e9e9e"}
+FRAME_LABELS = {"query": "query", "pos": "positive", "neg": "negative", "junk": "junk"}
+BOX_KEYS = {"qbox": ("#00e5ff", "query box"),
+            "loc": ("#ffd400", "object found by spatial re-ranking")}
 
 
 # --------------------------------------------------------------------------- inputs
@@ -104,23 +114,66 @@ def _evaluable_list(j: _Judged, gt: GroundTruth, ranked: Sequence[str]) -> list[
     return list(dict.fromkeys(shots.get(i, i) for i in ranked))
 
 
+def first_hits(labels: Iterable[str]) -> tuple[int | None, int | None]:
+    """0-based positions of the first negative and of the first positive in ``labels``
+    (None when absent), reading no further than the first positive (lists can be a
+    million long)."""
+    first_neg = None
+    for k, lab in enumerate(labels):
+        if lab == "pos":
+            return first_neg, k
+        if lab == "neg" and first_neg is None:
+            first_neg = k
+    return first_neg, None
+
+
+def first_negative_above_positive(labels: Iterable[str]) -> tuple[int, int | None] | None:
+    """(position of the first negative, of the first positive or None when no positive
+    is listed) when a negative outranks every positive; junk is skipped, as in AP. None
+    when the first non-junk result is a positive."""
+    neg, pos = first_hits(labels)
+    if neg is None:
+        return None
+    return neg, pos
+
+
 # --------------------------------------------------------------------------- selection
 
 
-def select_queries(names: Sequence[str], aps: Mapping[str, float], max_queries: int
-                   ) -> list[tuple[str, list[str]]]:
-    """Sections of queries to show: all in order when they fit, else the worst half and
-    the best half by AP (ties in query order; queries without an AP last)."""
-    if len(names) <= max_queries:
-        return [("All queries", list(names))]
+def worst_first(names: Sequence[str], aps: Mapping[str, float]) -> list[str]:
+    """Queries by AP, lowest first, ties in query order; queries without an AP last."""
     finite = [n for n in names if math.isfinite(aps.get(n, float("nan")))]
-    by_ap = sorted(finite, key=lambda n: aps[n])  # stable: ties keep query order
+    rest = [n for n in names if n not in set(finite)]
+    return sorted(finite, key=lambda n: aps[n]) + rest  # stable: ties keep query order
+
+
+def select_queries(names: Sequence[str], aps: Mapping[str, float], max_queries: int
+                   ) -> list[str]:
+    """The queries that get a section, worst first: all when they fit, else the worst
+    half and the best half by AP (queries without an AP only when all fit)."""
+    order = worst_first(names, aps)
+    if len(names) <= max_queries:
+        return order
+    finite = [n for n in order if math.isfinite(aps[n])]
     n_worst = (max_queries + 1) // 2
-    worst = by_ap[:n_worst]
-    taken = set(worst)
-    best = [n for n in sorted(finite, key=lambda n: -aps[n]) if n not in taken]
-    best = best[: max_queries - len(worst)]
-    return [(f"Worst {len(worst)} queries", worst), (f"Best {len(best)} queries", best)]
+    worst = finite[:n_worst]
+    best = finite[n_worst:][-(max_queries - len(worst)):] if max_queries > len(worst) else []
+    return worst + best
+
+
+def anchors(names: Sequence[str]) -> dict[str, str]:
+    """A stable, URL-safe anchor per query (``q-`` and the name with other characters
+    replaced; a numbered suffix when two names collide)."""
+    out: dict[str, str] = {}
+    used: set[str] = set()
+    for n in names:
+        base = "q-" + re.sub(r"[^A-Za-z0-9_.-]", "_", n)
+        a, k = base, 2
+        while a in used:
+            a, k = f"{base}-{k}", k + 1
+        used.add(a)
+        out[n] = a
+    return out
 
 
 # --------------------------------------------------------------------------- thumbnails
@@ -161,111 +214,153 @@ def _find(settings: Mapping[str, Any], image_id: str, query: bool) -> Path | Non
         return None
 
 
-# --------------------------------------------------------------------------- HTML
-
-_CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:16px 24px;color:#222}
-h1{font-size:22px;margin:0 0 8px}h2{font-size:18px;margin:24px 0 8px}
-h3{font-size:15px;margin:16px 0 4px}
-table{border-collapse:collapse;margin:4px 0 12px}td,th{border:1px solid #ccc;padding:3px 8px;
-text-align:left;font-size:13px}th{background:#f3f3f3}td.num{text-align:right}
-.plots img{max-width:100%;margin-right:12px;border:1px solid #ddd}
-.row{display:flex;flex-wrap:wrap;align-items:flex-start;gap:6px}
-figure{margin:0;text-align:center;font-size:11px;max-width:180px}
-.frame{position:relative;display:inline-block;line-height:0;border:5px solid #1f3b8f}
-.pos .frame{border-color:#1a9e1a}.neg .frame{border-color:#d62728}
-.junk .frame{border-color:#9e9e9e}
-.box{position:absolute;border:2px solid #ffd400;outline:1px solid #000}
-.query .box{border-color:#00e5ff}
-figcaption{line-height:1.3;padding-top:2px;word-break:break-all}
-.legend span{display:inline-block;padding:1px 8px;margin-right:6px;color:#fff;font-size:12px}
-.ap{font-weight:normal;color:#555}
-"""
+# --------------------------------------------------------------------------- page model
 
 
-def _box_div(box: Sequence[float] | None, orig: tuple[int, int] | None, cls: str) -> str:
+@dataclass
+class Figure:
+    """One framed image: CSS class (query/pos/neg/junk), thumbnail, shape as fractions of
+    its longer side, a box in percent (left, top, width, height) and caption lines."""
+
+    cls: str
+    src: str
+    w: float
+    h: float
+    alt: str
+    caption: list[str]
+    box: tuple[str, str, str, str] | None = None
+    box_cls: str = ""
+
+
+@dataclass
+class Section:
+    name: str
+    anchor: str
+    worst: int
+    ap_text: str
+    n_pos_text: str
+    first_pos: str
+    mode: str
+    why: str
+    query_fig: Figure
+    results: list[Figure] = field(default_factory=list)
+    aid: dict[str, Figure | None] | None = None
+
+
+def box_percent(box: Sequence[float] | None, orig: tuple[int, int] | None
+                ) -> tuple[str, str, str, str] | None:
+    """A pixel box as left, top, width, height in percent of the image, clipped to it;
+    None when it is empty or the image size is unknown."""
     if box is None or orig is None:
-        return ""
+        return None
     w, h = orig
     x1, y1, x2, y2 = (float(v) for v in box)
     left, top = max(0.0, x1 / w * 100), max(0.0, y1 / h * 100)
     right, bottom = min(100.0, x2 / w * 100), min(100.0, y2 / h * 100)
     if right <= left or bottom <= top:
-        return ""
-    return (f'<div class="box {cls}" style="left:{left:.2f}%;top:{top:.2f}%;'
-            f'width:{right - left:.2f}%;height:{bottom - top:.2f}%"></div>')
+        return None
+    return f"{left:.2f}", f"{top:.2f}", f"{right - left:.2f}", f"{bottom - top:.2f}"
 
 
-def _figure(cls: str, thumb: _Thumb, alt: str, caption: str, box_html: str) -> str:
-    w, h = thumb.size
-    f = SHOW_SIDE / max(w, h, 1)
-    w, h = round(w * f), round(h * f)
-    return (f'<figure class="{cls}"><div class="frame"><img src="{html.escape(thumb.file)}" '
-            f'width="{w}" height="{h}" alt="{html.escape(alt)}">{box_html}</div>'
-            f"<figcaption>{caption}</figcaption></figure>")
+def _figure(cls: str, t: _Thumb, alt: str, caption: list[str],
+            box: Sequence[float] | None = None, box_cls: str = "") -> Figure:
+    w, h = t.size
+    m = max(w, h, 1)
+    return Figure(cls, t.file, w / m, h / m, alt, caption, box_percent(box, t.orig), box_cls)
 
 
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return "n/a" if not math.isfinite(v) else f"{v:.4f}"
-    return html.escape(str(v))
+def _fmt_ap(v: float | None) -> str:
+    return "n/a" if v is None or not math.isfinite(v) else f"{v:.4f}"
 
 
-def _summary_rows(results: Mapping[str, Any], names: Sequence[str], prefix: str = ""
-                  ) -> list[tuple[str, str]]:
-    """Scalars of the results dict, nested dicts flattened as ``a.b`` (per-query dicts,
-    lists and long tables left out)."""
-    rows = []
-    for k, v in results.items():
-        if k in _PER_QUERY_KEYS or k == "settings":  # settings: in their own table
-            continue
-        if isinstance(v, Mapping):
-            if len(v) > 50 or (names and set(v) >= set(names)):
-                continue
-            rows += _summary_rows(v, names, f"{prefix}{k}.")
-        elif isinstance(v, (int, float, str, bool)) or v is None:
-            rows.append((f"{prefix}{k}", _fmt(v)))
+def _plural(n: int, word: str, words: str | None = None) -> str:
+    return f"{n} {word if n == 1 else (words or word + 's')}"
+
+
+def _settings_rows(settings: Mapping[str, Any]) -> list[tuple[str, str]]:
+    as_dict = getattr(settings, "as_dict", None)
+    d = dict(as_dict()) if callable(as_dict) else {k: settings[k] for k in settings}
+    return [(k, str(v)) for k, v in sorted(d.items())]
+
+
+def summary_rows(results: Mapping[str, Any], gt: GroundTruth, ranking_dir: Path,
+                 n_listed: int, mean_ap: float, modes: Mapping[str, Mapping[str, str]],
+                 masking: int | None) -> list[tuple[str, str]]:
+    """The summary table: each fact once, under a human label."""
+    rows = [("Dataset", gt.name), ("Protocol", gt.protocol),
+            ("Ranking folder", str(ranking_dir)), ("Database images", f"{len(gt.db_ids):,}")]
+    n_eval = results.get("n_queries")
+    no_pos = list(results.get("queries_without_positives") or [])
+    if not isinstance(n_eval, int):
+        n_eval = n_listed - len(no_pos)
+    rows.append(("Queries", f"{n_listed} ranked, {n_eval} evaluated"))
+    if no_pos:
+        rows.append(("Left out of the mean (no positives)", ", ".join(no_pos)))
+    unranked = list(results.get("queries_without_ranking") or [])
+    if unranked:
+        rows.append(("Ground-truth queries without a ranking", ", ".join(unranked)))
+    label = "mAP (Medium)" if gt.protocol == "revisited" else \
+        "mAP (shot level)" if results.get("level") == "shot" else "mAP"
+    rows.append((label, _fmt_ap(mean_ap)))
+    if modes:
+        counts: dict[tuple[str, str], int] = {}
+        for m in modes.values():
+            counts[(m["mode"], m["why"])] = counts.get((m["mode"], m["why"]), 0) + 1
+        text = "; ".join(f"{m} for {_plural(c, 'query', 'queries')} ({why})"
+                         for (m, why), c in sorted(counts.items(), key=lambda t: -t[1]))
+        if masking is not None:
+            text = f"masking {masking}: {text}"
+        rows.append(("Search", text))
+    gtr = results.get("ground_truth")
+    if isinstance(gtr, Mapping):
+        rows.append(("Ground truth", f"{gtr.get('path_gt', '')} ({gtr.get('gt_format', '')})"))
     return rows
 
 
-def _settings_dict(settings: Mapping[str, Any]) -> dict[str, Any]:
-    as_dict = getattr(settings, "as_dict", None)
-    return dict(as_dict()) if callable(as_dict) else {k: settings[k] for k in settings}
+def summary_tables(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Tables under the summary: Easy/Medium/Hard (revisited), per-landmark or per-topic
+    means, each with readable headers."""
+    tables = []
+    blocks = [(k, results[k]) for k in ("easy", "medium", "hard")
+              if isinstance(results.get(k), Mapping)]
+    if blocks:
+        tables.append({"id": "protocols", "cls": "protocols",
+                       "caption": "Revisited protocol",
+                       "head": ["protocol", "mAP", "mP@1", "mP@5", "mP@10", "queries evaluated"],
+                       "rows": [[k.capitalize(), _fmt_ap(b.get("map")), _fmt_ap(b.get("mp@1")),
+                                 _fmt_ap(b.get("mp@5")), _fmt_ap(b.get("mp@10")),
+                                 str(b.get("n_queries", ""))] for k, b in blocks]})
+    for key, caption, head in (("per_landmark", "Mean AP per landmark", "landmark"),
+                               ("per_topic", "Mean AP per topic", "topic")):
+        v = results.get(key)
+        if isinstance(v, Mapping) and v:
+            tables.append({"id": key.replace("_", "-"), "cls": "per-topic", "caption": caption,
+                           "head": [head, "mean AP"],
+                           "rows": [[str(t), _fmt_ap(a)] for t, a in sorted(v.items())]})
+    return tables
 
 
-# --------------------------------------------------------------------------- plots
+def _environment() -> Environment:
+    return Environment(loader=PackageLoader("lib.evaluation", "templates"), autoescape=True,
+                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
 
 
-def _pr_plot(curves: list[tuple[np.ndarray, np.ndarray]], path: Path) -> None:
-    series = []
-    interp = []
-    for r, p in curves:
-        if r.size == 0:
-            continue
-        # plot only where recall changes (and the point before), enough for the shape
-        at = np.flatnonzero(np.diff(np.r_[0.0, r]) > 0)
-        keep = np.unique(np.r_[at, np.maximum(at - 1, 0), r.size - 1])
-        series.append(Series(np.r_[0.0, r[keep]], np.r_[1.0, p[keep]], colour=(200, 200, 200),
-                             width=1.0))
-        pmax = np.maximum.accumulate(p[::-1])[::-1]
-        idx = np.searchsorted(r, RECALL_LEVELS, side="left")
-        interp.append(np.where(idx < r.size, pmax[np.minimum(idx, r.size - 1)], 0.0))
-    if interp:
-        series.append(Series(RECALL_LEVELS, np.mean(interp, axis=0),
-                             label="mean interpolated precision", colour=(31, 119, 180),
-                             width=2.5))
-    line_chart(series, path, title=f"Precision-recall ({len(curves)} queries)",
-               xlabel="recall", ylabel="precision")
+def _scores(ranking_dir: Path, n_q: int, n_db: int) -> np.ndarray | None:
+    """The folder's scores.npy (memory-mapped) when it fits the lists, else None."""
+    from lib.search.rankings import read_scores
 
-
-def _ap_plot(aps: Mapping[str, float], mean_ap: float, path: Path) -> None:
-    items = sorted(((v, n) for n, v in aps.items() if math.isfinite(v)), key=lambda t: -t[0])
-    vals = [v for v, _ in items]
-    colours = [(26, 158, 26) if v >= 0.5 else (214, 39, 40) if v < 0.2 else (255, 165, 0)
-               for v in vals]
-    bar_chart(vals, path, title="AP per query (sorted)", xlabel="query", ylabel="AP",
-              labels=[n for _, n in items] if len(items) <= 60 else None, colours=colours,
-              hline=mean_ap, hline_label=f"mAP {mean_ap:.4f}")
+    if not (ranking_dir / "scores.npy").is_file():
+        return None
+    try:
+        s = read_scores(ranking_dir)
+    except (UserError, OSError, ValueError) as e:
+        log.warning("report: %s/scores.npy unreadable (%s); no scores shown", ranking_dir, e)
+        return None
+    if s.shape != (n_q, n_db):
+        log.warning("report: %s/scores.npy has shape %s, not (%d, %d); no scores shown",
+                    ranking_dir, s.shape, n_q, n_db)
+        return None
+    return s
 
 
 # --------------------------------------------------------------------------- main entry
@@ -273,10 +368,13 @@ def _ap_plot(aps: Mapping[str, float], mean_ap: float, path: Path) -> None:
 
 def write_report(ranking_dir: Path, gt: GroundTruth, settings: Mapping[str, Any],
                  results: dict, rankings: Any) -> Path:
-    """Write ``<ranking_dir>/report/index.html`` (with ``thumbs/`` and two PNG charts)
-    and return its path. ``rankings`` is a :class:`lib.search.rankings.Rankings` (its
-    ``queries``, ``lists`` and ``localisations`` are read); ``results`` is step E's
-    results dict (``map`` and per-query AP; computed here when absent)."""
+    """Write ``<ranking_dir>/report/index.html`` (with ``thumbs/``) and return its path.
+    ``rankings`` is a :class:`lib.search.rankings.Rankings` (its ``queries``, ``lists``,
+    ``meta`` and ``localisations`` are read; scores come from ``scores.npy`` in
+    ``ranking_dir`` when it is there); ``results`` is step E's results dict (``map``,
+    per-query AP, ``search_mode``; computed here when absent)."""
+    from lib.evaluation.step import search_modes
+
     ranking_dir = Path(ranking_dir)
     top_k = int(settings["report_top_k"])
     max_q = int(settings["report_max_queries"])
@@ -286,11 +384,6 @@ def write_report(ranking_dir: Path, gt: GroundTruth, settings: Mapping[str, Any]
     if missing:
         raise UserError(f"{ranking_dir}: query '{missing[0]}' is not in ground truth {gt.name}")
     judged = {n: _judgements(gt, by_name[n]) for n in names}
-    curves = {}
-    for n in names:
-        j = judged[n]
-        r, p = precision_recall(_evaluable_list(j, gt, rankings.lists[n]), j.positives, j.junk)
-        curves[n] = (np.asarray(r, np.float64), np.asarray(p, np.float64))
     aps = per_query_ap(results, names)
     if aps is None:
         log.info("report: no per-query AP in the results; evaluating the rankings")
@@ -300,84 +393,129 @@ def write_report(ranking_dir: Path, gt: GroundTruth, settings: Mapping[str, Any]
     mean_ap = results.get("map", results.get("mAP"))
     mean_ap = float(mean_ap) if isinstance(mean_ap, (int, float)) else \
         float(np.mean(finite)) if finite else float("nan")
-    sections = select_queries(names, aps, max_q)
+    sm = results.get("search_mode")
+    if not isinstance(sm, Mapping) or not all(n in sm.get("per_query", {}) for n in names):
+        sm = search_modes(settings, getattr(rankings, "meta", None) or {},
+                          [by_name[n] for n in names])
+    modes = {n: sm["per_query"][n] for n in names}
+
+    order = worst_first(names, aps)
+    rank_of = {n: i for i, n in enumerate(order)}
+    shown = select_queries(names, aps, max_q)
+    anchor = anchors(names)
+    href = {n: "#" + anchor[n] for n in shown}
+    def labels_of(n: str) -> Iterable[str]:
+        return (_label(judged[n], gt, i) for i in rankings.lists[n])
+
+    hits = {n: first_hits(labels_of(n)) for n in names}
+    first_pos = {n: None if hits[n][1] is None else hits[n][1] + 1 for n in names}
+    aids = {n: first_negative_above_positive(labels_of(n)) if judged[n].positives else None
+            for n in shown}
     locs = rankings.localisations or {}
+    db_index = {i: k for k, i in enumerate(gt.db_ids)}
+    scores = _scores(ranking_dir, len(names), len(gt.db_ids))
+    q_row = {n: k for k, n in enumerate(names)}
+
+    curves = []
+    for n in names:
+        j = judged[n]
+        if not j.positives:
+            continue
+        r, p = precision_recall(_evaluable_list(j, gt, rankings.lists[n]), j.positives, j.junk)
+        curves.append((n, np.asarray(r, np.float64), np.asarray(p, np.float64),
+                       href.get(n), aps[n]))
 
     out = ranking_dir / "report"
     with atomic_path(out) as tmp:
         (tmp / "thumbs").mkdir(parents=True)
-        # one thumbnail per distinct image shown
         jobs: dict[str, tuple[Path | None, Path, str]] = {}
-        for _, qs in sections:
-            for n in qs:
-                qid = by_name[n].image
-                jobs.setdefault("q:" + qid, (_find(settings, qid, True),
-                                             tmp / "thumbs" / _thumb_name("q", qid), qid))
-                for i in rankings.lists[n][:top_k]:
-                    jobs.setdefault("d:" + i, (_find(settings, i, False),
-                                               tmp / "thumbs" / _thumb_name("d", i), i))
+
+        def want(image_id: str, query: bool) -> str:
+            key = ("q:" if query else "d:") + image_id
+            jobs.setdefault(key, (_find(settings, image_id, query),
+                                  tmp / "thumbs" / _thumb_name(key[0], image_id), image_id))
+            return key
+
+        for n in shown:
+            want(by_name[n].image, True)
+            for i in rankings.lists[n][:top_k]:
+                want(i, False)
+            if aids[n] is not None:
+                for k in aids[n]:
+                    if k is not None:
+                        want(rankings.lists[n][k], False)
         # sequential: load_image swaps PIL's global bomb limit while it decodes
         max_px = settings.get("max_image_pixels")
         made = {k: _make_thumb(*a, max_px) for k, a in
                 tqdm(jobs.items(), desc="report thumbnails", unit="img", leave=False,
                      disable=len(jobs) < 200)}
-        _ap_plot(aps, mean_ap, tmp / "ap_per_query.png")
-        _pr_plot([curves[n] for n in names if judged[n].positives], tmp / "pr_curves.png")
 
-        parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-                 f"<title>BLCF report: {html.escape(gt.name)} / {html.escape(ranking_dir.name)}"
-                 f"</title><style>{_CSS}</style></head><body>",
-                 f"<h1>BLCF report: {html.escape(gt.name)} &mdash; "
-                 f"{html.escape(ranking_dir.name)}</h1>"]
-        summary = [("dataset", html.escape(gt.name)), ("protocol", html.escape(gt.protocol)),
-                   ("ranking folder", html.escape(str(ranking_dir))),
-                   ("queries", str(len(names))), ("database images", str(len(gt.db_ids))),
-                   ("mAP", _fmt(mean_ap))]
-        shown_keys = {"map", "mAP", "protocol", "dataset"}
-        summary += [r for r in _summary_rows(results, names) if r[0] not in shown_keys]
-        parts.append("<h2>Summary</h2><table id='summary'>" + "".join(
-            f"<tr><th>{html.escape(k)}</th><td class='num'>{v}</td></tr>" for k, v in summary)
-            + "</table>")
-        srows = "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>"
-                        for k, v in sorted(_settings_dict(settings).items()))
-        parts.append(f"<details><summary>Settings</summary><table id='settings'>{srows}"
-                     "</table></details>")
-        parts.append("<div class='plots'><img src='ap_per_query.png' alt='AP per query'>"
-                     "<img src='pr_curves.png' alt='precision-recall curves'></div>")
-        parts.append("<p class='legend'>Frames: <span style='background:#1f3b8f'>query</span>"
-                     "<span style='background:#1a9e1a'>positive</span>"
-                     "<span style='background:#d62728'>negative</span>"
-                     "<span style='background:#9e9e9e'>junk</span> Boxes: cyan = query box, "
-                     "yellow = localisation from re-ranking.</p>")
-        shown = sum(len(qs) for _, qs in sections)
-        if shown < len(names):
-            parts.append(f"<p>{shown} of {len(names)} queries shown (setting "
-                         "report_max_queries).</p>")
-        qi = 0
-        for title, qs in sections:
-            parts.append(f"<h2>{html.escape(title)}</h2>")
-            for n in qs:
-                q = by_name[n]
-                ap = aps[n]
-                ap_txt = f"AP {ap:.4f}" if math.isfinite(ap) else "AP n/a (no positives)"
-                parts.append(f"<section class='q' id='q{qi}' data-query='{html.escape(n)}'>"
-                             f"<h3>{html.escape(n)} <span class='ap'>{ap_txt}</span></h3>"
-                             "<div class='row'>")
-                qi += 1
-                t = made["q:" + q.image]
-                parts.append(_figure("query", t, q.image, "query<br>" + html.escape(q.image),
-                                     _box_div(q.bbox, t.orig, "qbox")))
-                qloc = {e["image"]: e for e in locs.get(n, [])}
-                for rank, i in enumerate(rankings.lists[n][:top_k], 1):
-                    t = made["d:" + i]
-                    e = qloc.get(i)
-                    cap = f"#{rank} {html.escape(i)}"
-                    if e is not None and e.get("score") is not None:
-                        cap += f"<br>score {float(e['score']):.3f}"
-                    parts.append(_figure(_label(judged[n], gt, i), t, i, cap,
-                                         _box_div(e.get("box") if e else None, t.orig, "loc")))
-                parts.append("</div></section>")
-        parts.append("</body></html>\n")
-        (tmp / "index.html").write_text("\n".join(parts), encoding="utf-8")
+        frames_used: set[str] = set()
+        boxes_used: set[str] = set()
+
+        def result_figure(n: str, k: int, qloc: Mapping[str, Any], extra: str = ""
+                          ) -> Figure:
+            i = rankings.lists[n][k]
+            cls = _label(judged[n], gt, i)
+            frames_used.add(cls)
+            cap = [f"#{k + 1} {i}"]
+            if scores is not None:
+                cap.append(f"score {float(scores[q_row[n], db_index[i]]):.4f}")
+            if extra:
+                cap.append(extra)
+            e = qloc.get(i)
+            box = e.get("box") if e else None
+            f = _figure(cls, made["d:" + i], i, cap, box, "loc")
+            if f.box is not None:
+                boxes_used.add("loc")
+            return f
+
+        sections = []
+        for n in shown:
+            q = by_name[n]
+            qloc = {e["image"]: e for e in locs.get(n, [])}
+            t = made["q:" + q.image]
+            qfig = _figure("query", t, q.image, ["query", q.image], q.bbox, "qbox")
+            frames_used.add("query")
+            if qfig.box is not None:
+                boxes_used.add("qbox")
+            n_pos = len(judged[n].positives)
+            unit = "relevant shot" if judged[n].shot_level else "positive"
+            fp = first_pos[n]
+            sec = Section(
+                n, anchor[n], rank_of[n],
+                f"AP {aps[n]:.4f}" if math.isfinite(aps[n]) else "AP n/a (no positives)",
+                _plural(n_pos, unit), "—" if fp is None else str(fp),
+                modes[n]["mode"], modes[n]["why"], qfig)
+            sec.results = [result_figure(n, k, qloc)
+                           for k in range(min(top_k, len(rankings.lists[n])))]
+            if aids[n] is not None:
+                neg_k, pos_k = aids[n]
+                sec.aid = {"neg": result_figure(n, neg_k, qloc, "first negative"),
+                           "pos": None if pos_k is None else
+                           result_figure(n, pos_k, qloc, "first positive")}
+            sections.append(sec)
+
+        index_rows = [{"name": n, "href": href.get(n), "worst": rank_of[n],
+                       "ap": _fmt_ap(aps[n]),
+                       "first_pos": "—" if first_pos[n] is None else str(first_pos[n]),
+                       "mode": modes[n]["mode"], "why": modes[n]["why"]} for n in order]
+        shown_note = ""
+        if len(shown) < len(names):
+            shown_note = (f"{len(shown)} of {len(names)} queries shown: the worst and the best "
+                          "by AP (setting report_max_queries); the index lists all.")
+        page = _environment().get_template("report.html.j2").render(
+            dataset=gt.name, ranking=ranking_dir.name,
+            summary=summary_rows(results, gt, ranking_dir, len(names), mean_ap, modes,
+                                 sm.get("masking")),
+            tables=summary_tables(results), settings=_settings_rows(settings),
+            ap=ap_chart([(n, aps[n], href.get(n)) for n in order], mean_ap),
+            pr=pr_chart(curves), index=index_rows, shown_note=shown_note,
+            legend_frames=[(c, FRAME_COLOURS[c], FRAME_LABELS[c])
+                           for c in ("query", "pos", "neg", "junk") if c in frames_used],
+            legend_boxes=[(c, *BOX_KEYS[c]) for c in ("qbox", "loc") if c in boxes_used],
+            scores_shown=scores is not None, reranked=bool(locs), sections=sections,
+            show_side=SHOW_SIDE, aid_side=AID_SIDE)
+        (tmp / "index.html").write_text(page, encoding="utf-8")
     log.info("report written to %s", out / "index.html")
     return out / "index.html"

@@ -13,10 +13,14 @@ query image at shot level (best keyframe per shot; AP divides by all relevant sh
 An unknown image id, a missing list or a duplicate in a list stops with the file and
 line named.
 Outputs, in the ranking folder:
-  map.txt       one AP per line in queries.txt order (nan: no positives), no header
-  results.json  mAP, per-query AP, per-landmark means (Oxford/Paris), easy/medium/hard
-                blocks (revisited), shot-level AP (TRECVid), n_queries, the settings
-                that produced the lists (from ranking.json) and the folder name
+  map.txt       one AP per line in queries.txt order, no header; queries without
+                positives are left out (as from the mean), so the file is all numbers
+                and its mean is the mAP
+  results.json  mAP, per-query AP, the queries without positives, per-landmark means
+                (Oxford/Paris), easy/medium/hard blocks (revisited), shot-level AP
+                (TRECVid), n_queries, the search mode of each query (box or whole
+                image, and why), the settings that produced the lists (from
+                ranking.json) and the folder name
   report/       the HTML report, when the settings say report = true
 """
 
@@ -45,9 +49,45 @@ def ranking_dir(path_output: Path, ranking: str | None) -> Path:
 
 
 def map_txt(results: dict[str, Any], queries: list[str]) -> str:
-    """map.txt content: one AP per line in queries.txt order."""
+    """map.txt content: one AP per line in queries.txt order, queries without an AP (no
+    positives) left out, so that the mean of the lines is the mAP and no ``nan`` breaks
+    a reader; results.json names the left-out queries."""
     pq = results["per_query"]
-    return "".join(("nan" if pq[q] is None else repr(float(pq[q]))) + "\n" for q in queries)
+    return "".join(repr(float(pq[q])) + "\n" for q in queries if pq[q] is not None)
+
+
+WHOLE_IMAGE, BOX = "whole image", "box"
+
+
+def search_mode(masking: int, query: Any) -> dict[str, str]:
+    """What step D searched with for ``query`` under ``masking``: the box (or mask
+    image) region, or the whole image; and why. Mirrors D's rule
+    (``lib/search/query_encoding.py`` ``QueryEncoder.encode`` and
+    ``lib/search/masks.py`` ``query_weights``): masking 0, or a query with neither a box
+    nor a mask image, searches with every word of the photo."""
+    if int(masking) == 0:
+        return {"mode": WHOLE_IMAGE, "why": "masking=0"}
+    if getattr(query, "mask", None) is not None:
+        return {"mode": BOX, "why": f"mask image, masking={int(masking)}"}
+    if query.bbox is None:
+        return {"mode": WHOLE_IMAGE, "why": "no box in the ground truth"}
+    return {"mode": BOX, "why": f"box, masking={int(masking)}"}
+
+
+def search_modes(settings: Any, meta: dict[str, Any], queries: list[Any]) -> dict[str, Any]:
+    """results.json's ``search_mode``: the masking D used (from ranking.json, else the
+    settings, for lists made elsewhere) and :func:`search_mode` per query. Warns when a
+    masking other than 0 met queries without a box: they fell back to the whole image."""
+    used = (meta.get("settings") or {}).get("masking")
+    source = "ranking.json" if used is not None else "settings"
+    masking = int(used if used is not None else settings["masking"])
+    per_query = {q.name: search_mode(masking, q) for q in queries}
+    whole = [n for n, m in per_query.items() if m["why"] == "no box in the ground truth"]
+    if whole:
+        log.warning("masking=%d, but %d of %d queries have no box in the ground truth and "
+                    "were searched with the whole image (first: %s)", masking, len(whole),
+                    len(per_query), whole[0])
+    return {"masking": masking, "masking_from": source, "per_query": per_query}
 
 
 def summary_line(results: dict[str, Any], folder: Path, out: Path) -> str:
@@ -77,6 +117,9 @@ def evaluate_folder(settings: Any, folder: Path) -> tuple[dict[str, Any], Any, A
         raise UserError(f"{folder}: ranking folder not found (run step D, or pass --ranking)")
     rankings = read_ranking_folder(folder, gt.db_ids)
     results = evaluate(gt, rankings)
+    by_name = {q.name: q for q in gt.queries}
+    results["search_mode"] = search_modes(settings, rankings.meta,
+                                          [by_name[n] for n in rankings.queries])
     results["ranking"] = folder.name
     results["settings"] = rankings.meta.get("settings")
     results["ground_truth"] = {"gt_format": settings["gt_format"],
