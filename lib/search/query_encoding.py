@@ -238,13 +238,46 @@ class QueryEncoder:
         self.cache.close()
 
     # ---- network
-    def _words_of_image(self, img: Image.Image) -> np.ndarray:
+    def load_network(self) -> Extractor:
+        """The network, built on first use; a long-lived caller (the query service) builds
+        it once before its threads share the encoder."""
         if self._extractor is None:
             self._extractor = Extractor(self.s)
-        maps = combined_maps(self._extractor.extract(img), list(self.s["layers"]),
+        return self._extractor
+
+    def _words_of_image(self, img: Image.Image,
+                        timings: dict[str, float] | None = None) -> np.ndarray:
+        t0 = time.perf_counter()
+        maps = combined_maps(self.load_network().extract(img), list(self.s["layers"]),
                              self.s["new_dim"])
+        t1 = time.perf_counter()
         words = words_from_maps(maps, self.pca, self.codebook, bool(self.s["l2norm"]))
+        if timings is not None:  # network vs PCA + nearest word, for the query service
+            timings["extract"] = timings.get("extract", 0.0) + (t1 - t0) * 1000.0
+            timings["assign"] = timings.get("assign", 0.0) + \
+                (time.perf_counter() - t1) * 1000.0
         return words.astype(word_dtype(self.n_words))
+
+    def image_words(self, img: Image.Image, image_id: str | None = None,
+                    timings: dict[str, float] | None = None
+                    ) -> tuple[list[np.ndarray], tuple[int, int]]:
+        """Assignment maps of every view of a decoded image that need not belong to the
+        dataset (``bow_pipeline/search.py``, ``serve.py``), and its size (H0, W0); the
+        query cache is neither read nor written. As in :meth:`words`, when ``image_id``
+        names a database image and the queries share the database's image root, the
+        unaugmented view is the database's own map."""
+        hw = (int(img.size[1]), int(img.size[0]))
+        out: list[np.ndarray] = []
+        for v in self.variants:
+            if (v.name == "orig" and image_id is not None and self.db_store is not None
+                    and image_id in self.db_store):
+                w, hw = self.db_store.get(image_id)
+                self.stats["from_database"] += 1
+            else:
+                w = self._words_of_image(transform_image(img, v), timings)
+                self.stats["network"] += 1
+            out.append(w)
+        return out, hw
 
     def words(self, image_id: str) -> tuple[list[np.ndarray], tuple[int, int]]:
         """Assignment maps of every view of a query image, and its size (H0, W0). The
@@ -285,13 +318,38 @@ class QueryEncoder:
         t0 = time.perf_counter()
         words, hw = self.words(query.image)
         t1 = time.perf_counter()
-        mode = int(self.s["masking"])
         mask = None
         if getattr(query, "mask", None) is not None:
             mask = load_mask(query.mask, hw, query.name)
-        else:
-            check_box(query.bbox, hw, query.name)
-        region = query.bbox is not None or mask is not None
+        eq = self.encode_words(query.name, query.image, words, hw, query.bbox, mask)
+        eq.timings = {"encode": (t1 - t0) * 1000.0, **eq.timings}
+        return eq
+
+    def encode_image(self, img: Image.Image, bbox: Box | None, name: str,
+                     image_id: str | None = None,
+                     mask: np.ndarray | None = None) -> EncodedQuery:
+        """:meth:`encode` for a decoded image that need not belong to the dataset (no
+        query cache; see :meth:`image_words`). ``timings`` (ms): ``extract`` (network),
+        ``assign`` (PCA + nearest word), ``vector`` and ``asmk``."""
+        timings: dict[str, float] = {"extract": 0.0, "assign": 0.0}
+        words, hw = self.image_words(img, image_id, timings)
+        eq = self.encode_words(name, image_id, words, hw, bbox, mask, img=img)
+        eq.timings = {**timings, **eq.timings}
+        return eq
+
+    def encode_words(self, name: str, image: str | None, words: list[np.ndarray],
+                     hw: tuple[int, int], bbox: Box | None, mask: np.ndarray | None = None,
+                     img: Image.Image | None = None) -> EncodedQuery:
+        """The query vector, cell weights and box cells from the assignment maps of the
+        views (what :meth:`encode` and :meth:`encode_image` share). ``image``: the image
+        id, ``None`` for an image outside the dataset; ``mask`` replaces the box
+        (TRECVid); ``img``: the decoded image, for ASMK signatures of an image that is
+        not in the dataset. ``timings``: ``vector`` and ``asmk`` (ms)."""
+        t1 = time.perf_counter()
+        mode = int(self.s["masking"])
+        if mask is None:
+            check_box(bbox, hw, name)
+        region = bbox is not None or mask is not None
         weights: list[np.ndarray | None] = []
         for v, w in zip(self.variants, words):
             if mode == 0 or not region:
@@ -306,18 +364,18 @@ class QueryEncoder:
                     weights.append(np.zeros(w.shape, np.float32))
                     continue
                 weights.append(query_weights(mode, None, hw, w.shape, mask=mv,
-                                             query=query.name))
+                                             query=name))
                 continue
-            bv = transform_box(query.bbox, v, hw)
+            bv = transform_box(bbox, v, hw)
             weights.append(np.zeros(w.shape, np.float32) if bv is None else
-                           query_weights(mode, bv, hw, w.shape, query=query.name))
+                           query_weights(mode, bv, hw, w.shape, query=name))
         cells = None
         if mode != 0 and region:
-            bounds = mask_bounds(mask) if mask is not None else query.bbox
+            bounds = mask_bounds(mask) if mask is not None else bbox
             cells = box_cells(bounds, hw, words[0].shape)
         vec = query_vector(words, weights, self.n_words)
         if vec[0].size == 0:
-            raise UserError(f"query '{query.name}': no query words (box {query.bbox})")
+            raise UserError(f"query '{name}': no query words (box {bbox})")
         t2 = time.perf_counter()
         asmk = None
         if self.s["kernel"] == "asmk":
@@ -325,28 +383,31 @@ class QueryEncoder:
             # weighted kernel takes the cell weights too (centre prior without a box)
             keep = weights[0] if (mode != 0 and region) or \
                 self.s["asmk_weighting"] == "bow" else None
-            asmk = self.asmk_signature(query.image, keep, words[0].shape)
+            asmk = self.asmk_signature(image, keep, words[0].shape, img=img)
         t3 = time.perf_counter()
-        return EncodedQuery(query.name, query.image, hw, list(self.variants), words, weights,
-                            cells, vec, {"encode": (t1 - t0) * 1000.0,
-                                         "vector": (t2 - t1) * 1000.0,
+        return EncodedQuery(name, name if image is None else image, hw,
+                            list(self.variants), words, weights,
+                            cells, vec, {"vector": (t2 - t1) * 1000.0,
                                          "asmk": (t3 - t2) * 1000.0}, asmk)
 
     # ---- ASMK
-    def _features(self, image_id: str) -> tuple[np.ndarray, tuple[int, int]]:
+    def _features(self, image_id: str | None, img: Image.Image | None = None
+                  ) -> tuple[np.ndarray, tuple[int, int]]:
         """L2-PCA-L2 local features (H*W, D) of the query image itself and its map size:
         from the database's feature store when the query is a database image (the
-        features its signatures were made from), else through the network."""
-        if self.db_store is not None and self._feature_reader() is not None:
+        features its signatures were made from), else through the network (``img``: the
+        decoded image, for one that is not in the dataset)."""
+        if (image_id is not None and self.db_store is not None
+                and self._feature_reader() is not None):
             reader = self._feature_reader()
             if image_id in reader.store:
                 f, hw = reader.features_and_shape(image_id)
                 return np.asarray(f, np.float32), (int(hw[0]), int(hw[1]))
-        if self._extractor is None:
-            self._extractor = Extractor(self.s)
-        img = load_image(image_path(self.s, image_id, query=True),
-                         int(self.s["max_image_pixels"]))
-        maps = combined_maps(self._extractor.extract(img), list(self.s["layers"]),
+        if img is None:
+            assert image_id is not None, "an image outside the dataset comes decoded"
+            img = load_image(image_path(self.s, image_id, query=True),
+                             int(self.s["max_image_pixels"]))
+        maps = combined_maps(self.load_network().extract(img), list(self.s["layers"]),
                              self.s["new_dim"])
         return maps_to_features(maps, bool(self.s["l2norm"]), self.pca), maps.shape[1:]
 
@@ -361,15 +422,15 @@ class QueryEncoder:
                                                   l2norm=bool(self.s["l2norm"]), pca=self.pca)
         return self._reader
 
-    def asmk_signature(self, image_id: str, weights: np.ndarray | None,
-                       map_hw: tuple[int, int]
+    def asmk_signature(self, image_id: str | None, weights: np.ndarray | None,
+                       map_hw: tuple[int, int], img: Image.Image | None = None
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """The query's ASMK signatures: its features inside the query region (cells with a
         positive mask weight; all without a box) assigned to their ``query_ma`` nearest
         words, residuals summed per word and binarised; with ``asmk_weighting = bow``
         also each word's weight, the sum of the cell weights of the features assigned to
         it (counts without a box), L2-normalised, as the query's BoW vector weighs it."""
-        feats, hw = self._features(image_id)
+        feats, hw = self._features(image_id, img)
         if tuple(hw) != tuple(map_hw):
             raise UserError(f"query '{image_id}': features of a {hw[0]}x{hw[1]} map, but its "
                             f"assignment map is {map_hw[0]}x{map_hw[1]}; rerun step D")

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -121,11 +122,26 @@ def _index_positions(index_ids: Sequence[str], db_ids: Sequence[str], what: str)
     return p
 
 
-def bow_rankings(settings: Any, gt: Any, out_dir: Any, progress: Any = None) -> dict:
-    """The BoW rankings of every query of ``gt`` into the ranking folder ``out_dir``
-    (no lock: :func:`rank_bow` takes it): checks the artefacts against the settings,
-    encodes, searches, re-ranks / expands. Database images missing from the index
-    (unreadable in step A) come last (score -1). Returns the ``ranking.json`` record."""
+@dataclass
+class BowParts:
+    """The checked pieces of a BoW search of a finished run (steps B and C), shared by
+    step D and the query service (``lib/service``), so both search with the same code."""
+
+    db_store: AssignmentStore
+    encoder: QueryEncoder
+    index: InvertedFile
+    searcher: BowSearcher
+    index_path: Path
+
+    def close(self) -> None:
+        self.encoder.close()
+        self.db_store.close()
+
+
+def open_bow(settings: Any) -> BowParts:
+    """Open step C's assignment store and inverted file and step B's models, and check
+    them against the settings (feature provenance, models, ``weighting``, ``idf``,
+    ``n_words``): a refusal names the field and the step to rerun."""
     s = settings
     apath = AssignmentStore.path_for(s)
     db_store = AssignmentStore(apath)
@@ -145,8 +161,25 @@ def bow_rankings(settings: Any, gt: Any, out_dir: Any, progress: Any = None) -> 
         if int(index.n_words) != encoder.n_words:
             check_fields({"n_words": encoder.n_words}, {"n_words": int(index.n_words)},
                          ("n_words",), what, "rerun step C")
-        positions = _index_positions(index.image_ids, gt.db_ids, what)
         searcher = BowSearcher(s, index, db_store)
+    except BaseException:
+        if encoder is not None:
+            encoder.close()
+        db_store.close()
+        raise
+    return BowParts(db_store, encoder, index, searcher, ipath)
+
+
+def bow_rankings(settings: Any, gt: Any, out_dir: Any, progress: Any = None) -> dict:
+    """The BoW rankings of every query of ``gt`` into the ranking folder ``out_dir``
+    (no lock: :func:`rank_bow` takes it): checks the artefacts against the settings,
+    encodes, searches, re-ranks / expands. Database images missing from the index
+    (unreadable in step A) come last (score -1). Returns the ``ranking.json`` record."""
+    s = settings
+    bow = open_bow(s)
+    try:
+        encoder, index, searcher, ipath = bow.encoder, bow.index, bow.searcher, bow.index_path
+        positions = _index_positions(index.image_ids, gt.db_ids, str(ipath / "meta.json"))
         n_db, n_q = len(gt.db_ids), len(gt.queries)
         scores = np.full((n_q, n_db), -1.0, np.float32)
         orders = np.zeros((n_q, n_db), np.int64)
@@ -180,7 +213,5 @@ def bow_rankings(settings: Any, gt: Any, out_dir: Any, progress: Any = None) -> 
         write_ranking_folder(Path(out_dir), [q.name for q in gt.queries], gt.db_ids, scores,
                              orders, meta, localisations=locs if s["rerank"] else None)
     finally:
-        if encoder is not None:
-            encoder.close()
-        db_store.close()
+        bow.close()
     return meta
