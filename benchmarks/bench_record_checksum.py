@@ -1,28 +1,37 @@
-"""Benchmark: what a per-record checksum would cost in the two LMDB stores, and what it
-would catch that the existing checks do not (issue "Reliability, second round", item 13).
+"""Benchmark: what the per-record CRC-32 costs in the two LMDB stores, and what it
+catches that the checks without it do not (issue "Reliability, second round", item 13).
 
 Records (synthetic, realistic sizes): a feature-store record (``encode_record``: one
 layer of 672 x 24 x 32 float16, ~1 MB, landscape and portrait) and an assignment record
 (``assignment_store.encode``: a 64 x 48 uint16 word map, ~6 KB, with and without ~500
-ASMK signatures of 16 bytes). For each record it times, in alternating rotations (the
-order of the tasks shifts by one every rotation; medians over rotations, and each ratio
-is the median of per-rotation ratios so that load swings on a shared box cancel):
+ASMK signatures of 16 bytes). Each is timed in the current format (``LCF2``, ``ASG3``,
+``ASG4``: CRC-32 trailer, verified on decode) and in the format before it (``LCF1``,
+``ASG1``, ``ASG2``: the same bytes without the trailer, decoded unverified), so that
+``verify`` = decode - decode of the old format is the cost of the implemented check.
+Timing is in alternating rotations (the order of the tasks shifts by one every
+rotation; medians over rotations, and each ratio is the median of per-rotation ratios so
+that load swings on a shared box cancel):
 
-* the checksums: ``zlib.crc32``, ``zlib.adler32``, ``hashlib.blake2b(digest_size=8)``;
-* decoding the record (``decode_record`` / ``decode`` + ``decode_signature``) and
-  encoding it (the write side would checksum once per record);
+* the checksums alone: ``zlib.crc32``, ``zlib.adler32``, ``hashlib.blake2b(digest_size=8)``
+  (the candidates compared before CRC-32 was chosen);
+* decoding the record (``decode_record`` / ``decode`` + ``decode_signature``, verified,
+  and ``*_v1``: the old format, unverified) and encoding it (``encode``, CRC-32 included);
 * the work a step does per record: for a feature record, upsampling to 64 x 48
   (``upsample``), L2-PCA-L2 to 128-D (``maps_to_features``) and the nearest word among
   ``--k`` words (``Codebook.assign``, exact); for an assignment record,
-  ``database_vector`` (centre prior).
+  ``database_vector`` (centre prior). ``step*`` sums use the unverified decode, so the
+  percentages are of the work without the check.
 
-Then a fault injection: ``--flips`` random single-bit flips per record kind, classified
-as caught by the existing decoders (``UserError``), caught later (non-finite feature
+Then a fault injection: ``--flips`` random single-bit flips per record kind and format,
+classified as caught by the decoder (``UserError``), caught later (non-finite feature
 value, word id >= K, which ``bow_vector`` refuses) or silent.
 
     .venv/bin/python benchmarks/bench_record_checksum.py
     .venv/bin/python benchmarks/bench_record_checksum.py --k 25000 --repeats 15 \
-        --out benchmarks/results/record_checksum.json
+        --out benchmarks/results/record_checksum_implemented.json
+
+(``results/record_checksum.json`` is the measurement made before the trailer existed,
+when ``decode`` was the unverified decode that is ``decode_v1`` here.)
 """
 
 from __future__ import annotations
@@ -114,29 +123,32 @@ def feature_case(rng: np.random.Generator, shape: tuple[int, int, int],
     # ReLU-like maps: non-negative, ~half zeros
     maps = np.maximum(rng.standard_normal(shape, dtype=np.float32), 0).astype(np.float16)
     rec = encode_record([maps], (h * 16, w * 16))
+    old = v1(rec)
     decoded = decode_record(rec)[0][0]
     size = oriented(new_dim, h >= w)
     up = upsample(decoded, size)
     feats = maps_to_features(up, True, pca)
-    tasks: dict[str, Callable[[], Any]] = {n: (lambda f=f: f(rec)) for n, f in CHECKSUMS.items()}
+    tasks: dict[str, Callable[[], Any]] = {n: (lambda f=f: f(old)) for n, f in CHECKSUMS.items()}
     tasks["decode"] = lambda: decode_record(rec)
+    tasks["decode_v1"] = lambda: decode_record(old)
     tasks["encode"] = lambda: encode_record([maps], (h * 16, w * 16))
     tasks["upsample"] = lambda: upsample(decoded, size)
     tasks["maps_to_features"] = lambda: maps_to_features(up, True, pca)
-    refs = ["decode", "encode", "upsample", "maps_to_features"]
+    refs = ["decode_v1", "encode", "upsample", "maps_to_features"]
     if codebook is not None:
         tasks["assign"] = lambda: codebook.assign(feats)
     samples = rotate_time(tasks, repeats, target_s)
-    # the step's per-record work (sum of its parts, per rotation)
-    parts = ["decode", "upsample", "maps_to_features"] + (["assign"] if codebook else [])
+    samples["verify"] = [a - b for a, b in zip(samples["decode"], samples["decode_v1"])]
+    # the step's per-record work without the check (sum of its parts, per rotation)
+    parts = ["decode_v1", "upsample", "maps_to_features"] + (["assign"] if codebook else [])
     samples["step_without_assign"] = [sum(v) for v in zip(*(samples[p] for p in parts[:3]))]
     refs.append("step_without_assign")
     if codebook is not None:
         samples["step"] = [sum(v) for v in zip(*(samples[p] for p in parts))]
         refs.append("step")
-    out = summarise(samples, list(CHECKSUMS), refs)
-    out.update({"shape": list(shape), "record_bytes": len(rec), "upsampled_to": list(size),
-                "n_features": int(feats.shape[0])})
+    out = summarise(samples, [*CHECKSUMS, "verify"], refs)
+    out.update({"shape": list(shape), "record_bytes": len(rec), "record_bytes_v1": len(old),
+                "upsampled_to": list(size), "n_features": int(feats.shape[0])})
     return out
 
 
@@ -148,18 +160,29 @@ def assignment_case(rng: np.random.Generator, k: int, n_sig: int, repeats: int,
         uw = np.sort(rng.choice(k, n_sig, replace=False)).astype(np.uint32)
         sig = (uw, rng.integers(0, 256, (n_sig, 16), dtype=np.uint8))
     rec = asg.encode(words, (1024, 768), sig)
-    tasks: dict[str, Callable[[], Any]] = {n: (lambda f=f: f(rec)) for n, f in CHECKSUMS.items()}
+    old = v1(rec)
+    tasks: dict[str, Callable[[], Any]] = {n: (lambda f=f: f(old)) for n, f in CHECKSUMS.items()}
     tasks["decode"] = lambda: asg.decode(rec, "r")
-    refs = ["decode"]
+    tasks["decode_v1"] = lambda: asg.decode(old, "r")
+    refs = ["decode_v1"]
     if sig is not None:
         tasks["decode_signature"] = lambda: asg.decode_signature(rec, "r")
-        refs.append("decode_signature")
+        tasks["decode_signature_v1"] = lambda: asg.decode_signature(old, "r")
+        refs.append("decode_signature_v1")
     tasks["database_vector"] = lambda: database_vector(words, "centre_prior", k)
     refs.append("database_vector")
     samples = rotate_time(tasks, repeats, target_s)
-    out = summarise(samples, list(CHECKSUMS), refs)
-    out.update({"map": [64, 48], "n_signatures": n_sig, "record_bytes": len(rec)})
+    samples["verify"] = [a - b for a, b in zip(samples["decode"], samples["decode_v1"])]
+    out = summarise(samples, [*CHECKSUMS, "verify"], refs)
+    out.update({"map": [64, 48], "n_signatures": n_sig, "record_bytes": len(rec),
+                "record_bytes_v1": len(old)})
     return out
+
+
+def v1(rec: bytes) -> bytes:
+    """``rec`` in the format before the CRC-32 trailer (old magic, trailer removed)."""
+    old = {b"LCF2": b"LCF1", b"ASG3": b"ASG1", b"ASG4": b"ASG2"}[rec[:4]]
+    return old + rec[4:-4]
 
 
 def flip(buf: bytes, bit: int) -> bytes:
@@ -168,37 +191,50 @@ def flip(buf: bytes, bit: int) -> bytes:
     return bytes(b)
 
 
-def fault_injection(rng: np.random.Generator, k: int, n: int) -> dict[str, Any]:
-    """Single-bit flips at random positions: which ones do the existing checks catch?"""
-    maps = np.maximum(rng.standard_normal((672, 24, 32), dtype=np.float32), 0)
-    frec = encode_record([maps.astype(np.float16)], (384, 512))
-    fcount = {"caught_by_decode": 0, "non_finite_value": 0, "silent": 0}
-    for bit in rng.integers(0, len(frec) * 8, n):
+def _feature_flips(rec: bytes, bits: np.ndarray) -> dict[str, int]:
+    count = {"caught_by_decode": 0, "non_finite_value": 0, "silent": 0}
+    for bit in bits:
         try:
-            m = decode_record(flip(frec, int(bit)))[0][0]
+            m = decode_record(flip(rec, int(bit)))[0][0]
         except UserError:
-            fcount["caught_by_decode"] += 1
+            count["caught_by_decode"] += 1
             continue
-        fcount["non_finite_value" if not np.isfinite(m).all() else "silent"] += 1
-    words = rng.integers(0, k, (64, 48)).astype(np.uint16)
-    uw = np.sort(rng.choice(k, 500, replace=False)).astype(np.uint32)
-    arec = asg.encode(words, (1024, 768), (uw, rng.integers(0, 256, (500, 16), np.uint8)))
-    acount = {"caught_by_decode": 0, "word_id_out_of_range": 0, "silent": 0}
-    for bit in rng.integers(0, len(arec) * 8, n):
-        bad = flip(arec, int(bit))
+        count["non_finite_value" if not np.isfinite(m).all() else "silent"] += 1
+    return count
+
+
+def _assignment_flips(rec: bytes, bits: np.ndarray, k: int) -> dict[str, int]:
+    count = {"caught_by_decode": 0, "word_id_out_of_range": 0, "silent": 0}
+    for bit in bits:
+        bad = flip(rec, int(bit))
         try:
             wm = asg.decode(bad, "r")[0]
             suw = asg.decode_signature(bad, "r")[0]
         except UserError:
-            acount["caught_by_decode"] += 1
+            count["caught_by_decode"] += 1
             continue
         oor = int(wm.max()) >= k or int(suw.max()) >= k
-        acount["word_id_out_of_range" if oor else "silent"] += 1
+        count["word_id_out_of_range" if oor else "silent"] += 1
+    return count
+
+
+def fault_injection(rng: np.random.Generator, k: int, n: int) -> dict[str, Any]:
+    """Single-bit flips at random positions: which ones does each format's decoder
+    catch (the same positions in both, the trailer excluded)?"""
+    maps = np.maximum(rng.standard_normal((672, 24, 32), dtype=np.float32), 0)
+    frec = encode_record([maps.astype(np.float16)], (384, 512))
+    words = rng.integers(0, k, (64, 48)).astype(np.uint16)
+    uw = np.sort(rng.choice(k, 500, replace=False)).astype(np.uint32)
+    arec = asg.encode(words, (1024, 768), (uw, rng.integers(0, 256, (500, 16), np.uint8)))
+    fbits = rng.integers(0, (len(frec) - 4) * 8, n)
+    abits = rng.integers(0, (len(arec) - 4) * 8, n)
     return {"flips_per_kind": n, "k": k,
-            "feature_record": {"bytes": len(frec), **fcount},
-            "assignment_record_with_signatures": {"bytes": len(arec), **acount},
-            "crc32_blake2b_detect": "every single-bit flip (and every burst up to 32 bits "
-                                    "for crc32)"}
+            "feature_record": {"bytes": len(frec), **_feature_flips(frec, fbits)},
+            "feature_record_v1": {"bytes": len(frec) - 4, **_feature_flips(v1(frec), fbits)},
+            "assignment_record_with_signatures": {
+                "bytes": len(arec), **_assignment_flips(arec, abits, k)},
+            "assignment_record_with_signatures_v1": {
+                "bytes": len(arec) - 4, **_assignment_flips(v1(arec), abits, k)}}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -206,7 +206,7 @@ def test_assignment_records_with_signatures_round_trip() -> None:
     words = np.array([[1, 2], [2, 3]], np.uint16)
     sig = (np.array([1, 2, 3], np.uint32), np.arange(12, dtype=np.uint8).reshape(3, 4))
     buf = encode(words, (20, 30), sig)
-    assert buf[:4] == b"ASG2"
+    assert buf[:4] == b"ASG4"  # map + signatures + CRC-32 trailer
     w, hw = decode(buf, "r")
     np.testing.assert_array_equal(w, words)
     assert hw == (20, 30)
@@ -214,13 +214,21 @@ def test_assignment_records_with_signatures_round_trip() -> None:
     np.testing.assert_array_equal(uw, sig[0])
     np.testing.assert_array_equal(sg, sig[1])
     plain = encode(words, (20, 30))
-    assert plain[:4] == b"ASG1" and decode_signature(plain, "r") is None
+    assert plain[:4] == b"ASG3" and decode_signature(plain, "r") is None
     from lib.errors import UserError
 
-    with pytest.raises(UserError, match="bytes"):
+    # a truncated record fails its CRC-32; one of the older format (ASG2: no trailer)
+    # fails the length its header implies
+    with pytest.raises(UserError, match="CRC-32"):
         decode(buf[:-1], "r")
-    with pytest.raises(UserError, match="truncated"):
+    with pytest.raises(UserError, match="CRC-32"):
         decode(buf[: len(plain) + 3], "r")
+    old, old_plain = b"ASG2" + buf[4:-4], b"ASG1" + plain[4:-4]
+    assert decode_signature(old, "r")[1].tobytes() == sg.tobytes()
+    with pytest.raises(UserError, match="bytes"):
+        decode(old[:-1], "r")
+    with pytest.raises(UserError, match="truncated"):
+        decode(old[: len(old_plain) + 3], "r")
 
 
 def test_query_expansion_averages_kernel_scores(asmk_run: tuple[Path, Path],

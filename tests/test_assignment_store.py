@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -22,6 +24,7 @@ def test_roundtrip_and_layout(tmp_path):
         assert len(st) == 2 and "b" in st and "__meta__" not in st and "zzz" not in st
     with AssignmentStore(path) as st:
         assert st.meta == {"n_centers": 25000, "new_dim": [42, 32]}
+        assert st.checksummed  # a new store: record_checksum in __meta__, kept out of meta
         assert st.ids() == ["b", "oxc/a_1"]  # byte order; __meta__ excluded
         wa, hw = st.get("oxc/a_1")
         assert wa.dtype == np.uint16 and hw == (1024, 768)
@@ -29,12 +32,15 @@ def test_roundtrip_and_layout(tmp_path):
         wb, hw = st.get("b")
         assert wb.dtype == np.uint32 and wb.shape == (32, 42) and hw == (600, 800)
         np.testing.assert_array_equal(wb, b)
-        # the documented value layout: 24-byte header then the row-major map
+        # the documented value layout: 24-byte header, the row-major map, the CRC-32
         with st.env.begin() as txn:
             raw = txn.get(b"oxc/a_1")
-        assert HEADER.size == 24 and len(raw) == 24 + 42 * 32 * 2
-        assert struct.unpack("<4sB3xIIII", raw[:24]) == (b"ASG1", 1, 42, 32, 1024, 768)
-        assert np.frombuffer(raw[24:], "<u2")[33] == a.ravel()[33]
+            meta = json.loads(txn.get(b"__meta__"))
+        assert meta["record_checksum"] == "crc32"
+        assert HEADER.size == 24 and len(raw) == 24 + 42 * 32 * 2 + 4
+        assert struct.unpack("<4sB3xIIII", raw[:24]) == (b"ASG3", 1, 42, 32, 1024, 768)
+        assert np.frombuffer(raw[24:-4], "<u2")[33] == a.ravel()[33]
+        assert struct.unpack("<I", raw[-4:])[0] == zlib.crc32(raw[:-4])
 
 
 def test_reopen_writable_keeps_records_and_overwrites(tmp_path):

@@ -4,6 +4,7 @@ metadata, growth."""
 from __future__ import annotations
 
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -30,12 +31,14 @@ def test_value_layout_is_the_documented_one():
     m = _maps(0)
     buf = encode_record(m, (480, 640), "float16")
     magic, code, n, reserved, h0, w0 = struct.unpack_from("<4sBBHII", buf, 0)
-    assert (magic, code, n, reserved, h0, w0) == (b"LCF1", 1, 2, 0, 480, 640)
+    assert (magic, code, n, reserved, h0, w0) == (b"LCF2", 1, 2, 0, 480, 640)
     assert struct.unpack_from("<III", buf, 16) == (4, 3, 2)
     assert struct.unpack_from("<III", buf, 28) == (8, 4, 4)
     first = np.frombuffer(buf, "<f2", count=24, offset=40).reshape(4, 3, 2)
     assert np.array_equal(first, m["a"].astype(np.float16))
-    assert len(buf) == 40 + 2 * (24 + 128)
+    # the maps, then the little-endian CRC-32 of every byte before the trailer
+    assert len(buf) == 40 + 2 * (24 + 128) + 4
+    assert struct.unpack_from("<I", buf, len(buf) - 4)[0] == zlib.crc32(buf[:-4])
     maps, size = decode_record(encode_record(m, (5, 7), "float32"))
     assert size == (5, 7) and all(x.dtype == np.float32 for x in maps)
     assert np.array_equal(maps[0], m["a"]) and np.array_equal(maps[1], m["b"])

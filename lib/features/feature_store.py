@@ -12,14 +12,28 @@ Layout (all integers little-endian):
   ``image_id<TAB>reason`` line each; an id that cannot be a key (a file name that is not
   UTF-8, written there with backslash ``xNN`` escapes, or more than 511 bytes) is listed there too.
 * **Key**: the image id, UTF-8 (``Canon/001``).
-* **Value**: a 16-byte header ``struct "<4sBBHII"``: magic ``b"LCF1"``, dtype code
+* **Value**: a 16-byte header ``struct "<4sBBHII"``: magic ``b"LCF2"``, dtype code
   (1 = float16, 2 = float32), ``L`` = number of layers, 2 reserved bytes (0), the original
   image height ``H0`` and width ``W0`` (after EXIF orientation); then ``L`` shape records
   ``"<III"`` = (C, h, w), one per layer in the order of ``meta["provenance"]["layers"]``;
-  then the ``L`` maps, each C-contiguous (C, h, w) in the header's dtype.
+  then the ``L`` maps, each C-contiguous (C, h, w) in the header's dtype; then a 4-byte
+  ``"<I"`` trailer, the CRC-32 (``zlib.crc32``) of every byte before it. Records written
+  before the trailer existed (magic ``b"LCF1"``, the same layout without it) still
+  decode, unverified.
 * **Metadata**: the reserved key ``__meta__`` holds UTF-8 JSON: ``provenance``
   (:func:`lib.features.networks.feature_provenance`), ``layers``, ``feature_dtype``, ``count``,
-  ``settings_hash`` (step A), ``versions``, ``created``, ``complete``.
+  ``settings_hash`` (step A), ``versions``, ``created``, ``complete``; and, in a store
+  whose records all carry the trailer, ``record_checksum`` = ``"crc32"``.
+
+Why the checksum: LMDB checksums nothing, and a flipped bit in a map decodes as a valid
+value. Every full decode verifies the trailer first (zero-copy, on the LMDB buffer), so a
+damaged record stops the step with the store and the image id instead of silently moving
+features; deleting that key and resuming step A re-creates only it. The store manages
+``record_checksum`` itself (``set_meta``): it is set when a store is created
+empty, kept while it is set, and never added to a store that holds old records (a resumed
+old store gets new-format records but stays unmarked). Readers of a marked store refuse a
+record with an old magic, since one flipped bit could otherwise turn a new magic into an
+old one and skip the check.
 
 Opening (here and in :mod:`lib.index.assignment_store`, through :func:`open_env`) first
 compares ``data.mdb`` with the size its own meta page records: a truncated file is
@@ -34,6 +48,7 @@ import hashlib
 import json
 import os
 import struct
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,8 +65,13 @@ META_KEY = b"__meta__"
 INPUTS_KEY = b"__inputs__"
 RESERVED = (META_KEY, INPUTS_KEY)
 _INPUTS_MAGIC = b"INP1"
-MAGIC = b"LCF1"
+MAGIC = b"LCF2"  # records with the CRC-32 trailer
+MAGIC_V1 = b"LCF1"  # older records: the same layout without the trailer
 HEADER = struct.Struct("<4sBBHII")
+TRAILER = struct.Struct("<I")  # CRC-32 of every byte before it
+# the __meta__ key (and its only value) of a store whose records all carry a trailer
+CHECKSUM_KEY = "record_checksum"
+CHECKSUM = "crc32"
 SHAPE = struct.Struct("<III")
 DTYPES = {1: np.dtype("<f2"), 2: np.dtype("<f4")}
 DTYPE_CODES = {"float16": 1, "float32": 2}
@@ -69,44 +89,96 @@ _META_PAGE_BYTES = 152
 
 def encode_record(maps: Mapping[str, np.ndarray] | Sequence[np.ndarray],
                   size_hw: Sequence[int], dtype: str = "float16") -> bytes:
-    """Bytes of one value (see module doc); ``maps`` in layer order."""
+    """Bytes of one value (see module doc); ``maps`` in layer order. The CRC-32 runs
+    over the parts as they are joined (no second pass over a joined copy)."""
     arrays = list(maps.values()) if isinstance(maps, Mapping) else list(maps)
     code = DTYPE_CODES[dtype]
     dt = DTYPES[code]
-    parts = [HEADER.pack(MAGIC, code, len(arrays), 0, int(size_hw[0]), int(size_hw[1]))]
+    parts: list[Any] = [HEADER.pack(MAGIC, code, len(arrays), 0, int(size_hw[0]),
+                                    int(size_hw[1]))]
     body = []
     for a in arrays:
         if a.ndim != 3:
             raise ValueError(f"maps must be (C, h, w), got shape {a.shape}")
         parts.append(SHAPE.pack(*a.shape))
-        body.append(np.ascontiguousarray(a, dtype=dt).tobytes())
-    return b"".join(parts + body)
+        body.append(memoryview(np.ascontiguousarray(a, dtype=dt)).cast("B"))
+    crc = 0
+    for p in parts + body:
+        crc = zlib.crc32(p, crc)
+    return b"".join(parts + body + [TRAILER.pack(crc)])
 
 
-def decode_record(buf: bytes | memoryview, where: str = "record"
+def verify_crc(buf: bytes | memoryview, where: str, step: str) -> int:
+    """Length of ``buf`` without its CRC-32 trailer, after checking the trailer
+    (zero-copy: ``zlib.crc32`` reads the LMDB buffer in place). A mismatch is one line
+    naming the record (``where``) and the step that re-creates it."""
+    n = len(buf) - TRAILER.size
+    if n < 0 or zlib.crc32(memoryview(buf)[:n]) != TRAILER.unpack_from(buf, n)[0]:
+        raise UserError(f"{where} is corrupt (CRC-32 mismatch): delete that record (or the "
+                        f"store) and rerun step {step}; the resume re-creates only missing "
+                        "records")
+    return n
+
+
+def old_record(where: str, magic: bytes, step: str) -> UserError:
+    """The refusal of an old-magic record in a store whose records all carry a trailer."""
+    return UserError(f"{where} is corrupt: magic {magic!r} has no CRC-32 trailer, but every "
+                     f"record of this store has one: delete that record (or the store) and "
+                     f"rerun step {step}; the resume re-creates only missing records")
+
+
+def checksum_marked(stored: Mapping[str, Any], where: str) -> bool:
+    """Whether a store's stored metadata says every record carries a CRC-32 trailer. An
+    unknown checksum name is refused (a newer format this code cannot verify). Writers
+    keep the mark once set and add it only to a store without records: see the stores'
+    ``set_meta``."""
+    found = stored.get(CHECKSUM_KEY)
+    if found is not None and found != CHECKSUM:
+        raise UserError(f"{where}: records carry a {found!r} checksum, which this version "
+                        "cannot verify (update BLCF, or rebuild the store)")
+    return found == CHECKSUM
+
+
+def decode_record(buf: bytes | memoryview, where: str = "record",
+                  require_checksum: bool = False
                   ) -> tuple[list[np.ndarray], tuple[int, int]]:
-    """(maps as float32 (C, h, w) in layer order, (H0, W0)) of one value."""
+    """(maps as float32 (C, h, w) in layer order, (H0, W0)) of one value. An ``LCF2``
+    record is verified against its CRC-32 before its shapes are read; ``LCF1`` decodes
+    unverified unless ``require_checksum`` (a store marked ``record_checksum``) refuses it."""
     if len(buf) < HEADER.size:
         raise UserError(f"{where}: value too short for a feature record")
     magic, code, n, _, h0, w0 = HEADER.unpack_from(buf, 0)
-    if magic != MAGIC or code not in DTYPES:
+    if magic == MAGIC:
+        end = verify_crc(buf, where, "A")
+    elif magic == MAGIC_V1:
+        if require_checksum:
+            raise old_record(where, magic, "A")
+        end = len(buf)
+    else:
+        end = -1
+    if end < 0 or code not in DTYPES:
         raise UserError(f"{where}: not a feature record (magic {magic!r}, dtype {code})")
     dt = DTYPES[code]
     off = HEADER.size + SHAPE.size * n
+    if off > end:
+        raise UserError(f"{where}: value too short for a feature record")
     maps = []
     for i in range(n):
         c, h, w = SHAPE.unpack_from(buf, HEADER.size + SHAPE.size * i)
         count = c * h * w
+        if off + count * dt.itemsize > end:
+            raise UserError(f"{where}: feature record shorter than its shapes say")
         a = np.frombuffer(buf, dtype=dt, count=count, offset=off).reshape(c, h, w)
         maps.append(a.astype(np.float32))
         off += count * dt.itemsize
-    if off != len(buf):
-        raise UserError(f"{where}: feature record has {len(buf) - off} trailing bytes")
+    if off != end:
+        raise UserError(f"{where}: feature record has {end - off} trailing bytes")
     return maps, (int(h0), int(w0))
 
 
 def record_size_hw(buf: bytes | memoryview) -> tuple[int, int]:
-    """Only the original (H0, W0) of a value (cheap: header only)."""
+    """Only the original (H0, W0) of a value (cheap: header only, not verified, so that
+    listing image sizes does not page in every map)."""
     _, _, _, _, h0, w0 = HEADER.unpack_from(buf, 0)
     return int(h0), int(w0)
 
@@ -125,6 +197,7 @@ class FeatureStore:
         self._env: lmdb.Environment | None = None
         self._pid = -1
         self._meta: dict[str, Any] | None = None
+        self._checked: bool | None = None  # every record carries a CRC-32 trailer
         self._layers: list[str] | None = None
         self._open()
 
@@ -178,23 +251,44 @@ class FeatureStore:
     # ------------------------------------------------------------------ metadata
     @property
     def meta(self) -> dict[str, Any]:
+        """The caller's metadata; ``record_checksum`` is the store's own (see
+        :attr:`checksummed`), kept out of it so that comparisons of metadata (resume
+        checks, caches) do not depend on the record format."""
         if self._meta is None:
             with self.env.begin() as txn:
                 raw = txn.get(META_KEY)
             if raw is None:
-                self._meta = {}
+                meta = {}
             else:
                 try:
-                    self._meta = json.loads(bytes(raw).decode("utf-8"))
+                    meta = json.loads(bytes(raw).decode("utf-8"))
                 except (UnicodeDecodeError, json.JSONDecodeError):
                     raise UserError(f"{self.path}: metadata record is not valid JSON "
                                     "(rerun step A into a new folder)") from None
+            self._checked = checksum_marked(meta, str(self.path))
+            meta.pop(CHECKSUM_KEY, None)
+            self._meta = meta
         return dict(self._meta)
 
+    @property
+    def checksummed(self) -> bool:
+        """Whether every record carries a CRC-32 trailer (``record_checksum`` in the
+        stored metadata), so that a record with an old magic is refused."""
+        if self._checked is None:
+            _ = self.meta  # reads the flag with the metadata
+        return bool(self._checked)
+
     def set_meta(self, meta: Mapping[str, Any]) -> None:
-        blob = json.dumps(dict(meta), sort_keys=True).encode("utf-8")
+        """Store ``meta``; ``record_checksum`` is kept when set and added to a store
+        without records (whose every record will carry a trailer), whatever ``meta``
+        says."""
+        meta = {k: v for k, v in meta.items() if k != CHECKSUM_KEY}
+        checked = self.checksummed or len(self) == 0
+        blob = json.dumps({**meta, **({CHECKSUM_KEY: CHECKSUM} if checked else {})},
+                          sort_keys=True).encode("utf-8")
         self._write([(META_KEY, blob)])
-        self._meta = dict(meta)
+        self._meta = meta
+        self._checked = checked
         self._layers = None
 
     @property
@@ -247,11 +341,12 @@ class FeatureStore:
 
     def get(self, image_id: str) -> tuple[dict[str, np.ndarray], tuple[int, int]]:
         """({layer: float32 (C, h, w)}, (H0, W0)) of one image."""
+        checked = self.checksummed  # before the transaction (one per thread)
         with self.env.begin(buffers=True) as txn:
             raw = txn.get(image_id.encode("utf-8"))
             if raw is None:
                 raise UserError(f"{self.path}: image '{image_id}' not in the feature store")
-            maps, size = decode_record(raw, f"{self.path}: image '{image_id}'")
+            maps, size = decode_record(raw, f"{self.path}: image '{image_id}'", checked)
         layers = self.layers
         if len(layers) != len(maps):
             raise UserError(f"{self.path}: image '{image_id}' has {len(maps)} layers, the "

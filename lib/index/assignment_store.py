@@ -6,20 +6,31 @@ re-ranking. The original kept an int32 LevelDB value without its shape; here the
 carries its shape and the original image size.
 
 Layout: key = image id (UTF-8). Value = 24-byte little-endian header
-``<4s B 3x I I I I>``: magic ``ASG1``, dtype code (1 = uint16, 2 = uint32), map height H,
+``<4s B 3x I I I I>``: magic ``ASG3``, dtype code (1 = uint16, 2 = uint32), map height H,
 map width W, original image height H0 and width W0 (after EXIF orientation), followed by
 the H x W word map, row-major, in that dtype (uint16 when K <= 65,536). With
-``kernel = asmk`` the magic is ``ASG2`` and the map is followed by the image's ASMK
+``kernel = asmk`` the magic is ``ASG4`` and the map is followed by the image's ASMK
 signatures: ``<I I>`` m (distinct words) and n (bytes per signature), m uint32 word ids
-(ascending), then m x n signature bytes (lib/index/asmk.py). The reserved key
-``__meta__`` holds the JSON metadata (feature provenance, PCA and codebook hashes,
-new_dim, assignment mode, count).
+(ascending), then m x n signature bytes (lib/index/asmk.py). Last comes a 4-byte
+``<I>`` trailer, the CRC-32 (``zlib.crc32``) of every byte before it. Records written
+before the trailer existed (``ASG1``, ``ASG2``: the same layouts without it) still
+decode, unverified. The reserved key ``__meta__`` holds the JSON metadata (feature
+provenance, PCA and codebook hashes, new_dim, assignment mode, count) and, in a store
+whose records all carry the trailer, ``record_checksum`` = ``"crc32"``.
+
+Why the checksum, and the rules for ``record_checksum`` (set on a new store, never added
+to one holding old records, an old magic refused where it is set): as in
+:mod:`lib.features.feature_store`. Every full decode (:func:`decode`, and so
+:func:`decode_signature`, ``get``, ``get_signature``) verifies the trailer on the LMDB
+buffer before reading the shapes; a mismatch names the image, whose key can be deleted
+and re-assigned by resuming step C.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,10 +39,22 @@ import lmdb
 import numpy as np
 
 from lib.errors import UserError
-from lib.features.feature_store import open_env, write_growing
+from lib.features.feature_store import (
+    CHECKSUM,
+    CHECKSUM_KEY,
+    TRAILER,
+    checksum_marked,
+    old_record,
+    open_env,
+    verify_crc,
+    write_growing,
+)
 
-MAGIC = b"ASG1"
-MAGIC_SIG = b"ASG2"  # a map followed by its ASMK signatures
+MAGIC = b"ASG3"  # a map, then the CRC-32 trailer
+MAGIC_SIG = b"ASG4"  # a map followed by its ASMK signatures, then the trailer
+MAGIC_V1 = b"ASG1"  # older records: as ASG3 without the trailer
+MAGIC_SIG_V1 = b"ASG2"  # older records: as ASG4 without the trailer
+_OLD = {MAGIC_V1: MAGIC, MAGIC_SIG_V1: MAGIC_SIG}
 SIG_HEADER = struct.Struct("<II")
 Signature = tuple[np.ndarray, np.ndarray]  # (words uint32 (m,), signatures uint8 (m, n))
 HEADER = struct.Struct("<4sB3xIIII")
@@ -46,8 +69,8 @@ _HINT = "delete the folder and rerun step C"
 
 def encode(words: np.ndarray, orig_hw: tuple[int, int],
            signature: Signature | None = None) -> bytes:
-    """Header + row-major map (+ the ASMK signatures); words must already fit their dtype
-    (uint16/uint32)."""
+    """Header + row-major map (+ the ASMK signatures) + CRC-32 trailer; words must
+    already fit their dtype (uint16/uint32)."""
     w = np.asarray(words)
     if w.ndim != 2:
         raise ValueError(f"assignment map must be (H, W), got shape {w.shape}")
@@ -66,41 +89,64 @@ def encode(words: np.ndarray, orig_hw: tuple[int, int],
         magic = MAGIC_SIG
         tail = (SIG_HEADER.pack(sig.shape[0], sig.shape[1]) + uw.astype("<u4").tobytes()
                 + np.ascontiguousarray(sig).tobytes())
-    return HEADER.pack(magic, _DTYPE_CODE[dt], w.shape[0], w.shape[1], int(orig_hw[0]),
-                       int(orig_hw[1])) + body + tail
+    head = HEADER.pack(magic, _DTYPE_CODE[dt], w.shape[0], w.shape[1], int(orig_hw[0]),
+                       int(orig_hw[1]))
+    crc = zlib.crc32(tail, zlib.crc32(body, zlib.crc32(head)))
+    return b"".join((head, body, tail, TRAILER.pack(crc)))
 
 
-def decode(buf: bytes | memoryview, what: str) -> tuple[np.ndarray, tuple[int, int]]:
+def _check(buf: bytes | memoryview, what: str, require_checksum: bool
+           ) -> tuple[bytes, int, int, int, int, int, int]:
+    """(layout magic, dtype code, H, W, H0, W0, end of the map) of a whole, verified
+    record: the CRC-32 first (new magics), then the length its header implies. Old
+    magics are mapped to the new ones' layout (without the trailer)."""
     if len(buf) < HEADER.size:
         raise UserError(f"{what}: truncated assignment record")
     magic, code, h, w, h0, w0 = HEADER.unpack_from(buf)
-    if magic not in (MAGIC, MAGIC_SIG) or code not in _CODES:
+    if magic in (MAGIC, MAGIC_SIG):
+        size = verify_crc(buf, what, "C")
+    elif magic in _OLD:
+        if require_checksum:
+            raise old_record(what, magic, "C")
+        size = len(buf)
+    else:
+        size = -1
+    if size < 0 or code not in _CODES:
         raise UserError(f"{what}: not an assignment record (magic {magic!r}, dtype {code})")
+    layout = _OLD.get(magic, magic)
+    end = HEADER.size + h * w * _CODES[code].itemsize
+    expected = end + _tail_size(buf, size, end, layout, what)
+    if size != expected:
+        raise UserError(f"{what}: assignment record has {size} bytes, expected {expected}")
+    return layout, code, h, w, h0, w0, end
+
+
+def decode(buf: bytes | memoryview, what: str, require_checksum: bool = False
+           ) -> tuple[np.ndarray, tuple[int, int]]:
+    """(words (H, W), (H0, W0)) of one record, verified (see :func:`_check`);
+    ``require_checksum`` (a store marked ``record_checksum``) refuses an old magic."""
+    _, code, h, w, h0, w0, _ = _check(buf, what, require_checksum)
     dt = _CODES[code]
-    end = HEADER.size + h * w * dt.itemsize
-    if len(buf) != end + _tail_size(buf, end, magic, what):
-        raise UserError(f"{what}: assignment record has {len(buf)} bytes, expected "
-                        f"{end + _tail_size(buf, end, magic, what)}")
     words = np.frombuffer(buf, dt, count=h * w, offset=HEADER.size).reshape(h, w)
     return words.astype(dt.newbyteorder("="), copy=True), (int(h0), int(w0))
 
 
-def _tail_size(buf: bytes | memoryview, end: int, magic: bytes, what: str) -> int:
+def _tail_size(buf: bytes | memoryview, size: int, end: int, magic: bytes, what: str) -> int:
     if magic == MAGIC:
         return 0
-    if len(buf) < end + SIG_HEADER.size:
+    if size < end + SIG_HEADER.size:
         raise UserError(f"{what}: truncated assignment record (signatures)")
     m, n = SIG_HEADER.unpack_from(buf, end)
     return SIG_HEADER.size + 4 * m + m * n
 
 
-def decode_signature(buf: bytes | memoryview, what: str) -> Signature | None:
-    """The ASMK signatures of a record (None for a record without them)."""
-    decode(buf, what)  # validates the whole record
-    magic, code, h, w = HEADER.unpack_from(buf)[:4]
+def decode_signature(buf: bytes | memoryview, what: str, require_checksum: bool = False
+                     ) -> Signature | None:
+    """The ASMK signatures of a record (None for a record without them), verified as
+    :func:`decode` verifies."""
+    magic, _, _, _, _, _, end = _check(buf, what, require_checksum)
     if magic != MAGIC_SIG:
         return None
-    end = HEADER.size + h * w * _CODES[code].itemsize
     m, n = SIG_HEADER.unpack_from(buf, end)
     o = end + SIG_HEADER.size
     uw = np.frombuffer(buf, "<u4", m, o).astype(np.uint32)
@@ -125,9 +171,14 @@ class AssignmentStore:
         with self.env.begin() as txn:
             raw = txn.get(META_KEY)
         try:
-            self.meta: dict[str, Any] = json.loads(bytes(raw).decode("utf-8")) if raw else {}
+            meta = json.loads(bytes(raw).decode("utf-8")) if raw else {}
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise UserError(f"{self.path}: corrupt __meta__ record") from None
+        # record_checksum is the store's own (see the module doc), not the caller's: kept
+        # out of ``meta`` so that comparisons of metadata do not depend on the format
+        self.checksummed = checksum_marked(meta, str(self.path))
+        meta.pop(CHECKSUM_KEY, None)
+        self.meta: dict[str, Any] = meta
 
     @staticmethod
     def path_for(settings: Any) -> Path:
@@ -141,10 +192,16 @@ class AssignmentStore:
         return store
 
     def set_meta(self, meta: dict[str, Any]) -> None:
+        """Store ``meta``; ``record_checksum`` is kept when set and added to a store
+        without records (as in :meth:`lib.features.feature_store.FeatureStore.set_meta`)."""
         self._writable()
-        blob = json.dumps(meta, sort_keys=True).encode("utf-8")
+        meta = {k: v for k, v in meta.items() if k != CHECKSUM_KEY}
+        checked = self.checksummed or len(self) == 0
+        blob = json.dumps({**meta, **({CHECKSUM_KEY: CHECKSUM} if checked else {})},
+                          sort_keys=True).encode("utf-8")
         write_growing(self.env, lambda txn: txn.put(META_KEY, blob))
-        self.meta = dict(meta)
+        self.meta = meta
+        self.checksummed = checked
 
     def _writable(self) -> None:
         if self.readonly:
@@ -164,7 +221,7 @@ class AssignmentStore:
 
         write_growing(self.env, fill)
 
-    def _read(self, image_id: str, decoder: Callable[[memoryview, str], Any]) -> Any:
+    def _read(self, image_id: str, decoder: Callable[[memoryview, str, bool], Any]) -> Any:
         """One image's record through ``decoder``, inside the read transaction (the
         buffer is only valid there)."""
         with self.env.begin(buffers=True) as txn:
@@ -172,7 +229,7 @@ class AssignmentStore:
             if buf is None or image_id.encode("utf-8") == META_KEY:
                 raise UserError(f"image '{image_id}' is not in the assignment store "
                                 f"{self.path} (rerun step C)")
-            return decoder(buf, f"{self.path} image '{image_id}'")
+            return decoder(buf, f"{self.path}: image '{image_id}'", self.checksummed)
 
     def get(self, image_id: str) -> tuple[np.ndarray, tuple[int, int]]:
         """(words (H, W), original size (H0, W0)) of one image."""
