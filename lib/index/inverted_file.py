@@ -352,15 +352,19 @@ def quantise(x: np.ndarray) -> np.ndarray:
 
 def merge_partitions(parts: Sequence[Path], out_dir: Path, image_ids: Sequence[str],
                      meta: dict, idf: bool = False,
-                     block_postings: int = MERGE_BLOCK_POSTINGS) -> InvertedFile:
+                     block_postings: int = MERGE_BLOCK_POSTINGS,
+                     finish: Callable[[Path], None] | None = None) -> InvertedFile:
     """Merge contiguous partitions (in doc order) into the final inverted file.
 
     Streams word blocks of ~``block_postings`` postings, so peak memory is one block
-    plus O(n_docs + n_partitions * n_words), whatever the index size."""
+    plus O(n_docs + n_partitions * n_words), whatever the index size. ``finish`` as in
+    :meth:`InvertedFile.build` (the ASMK signatures)."""
     out_dir = Path(out_dir)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
         _merge_into(tmp, parts, image_ids, meta, idf, block_postings)
+        if finish is not None:
+            finish(tmp)
     return InvertedFile.load(out_dir)
 
 

@@ -1,0 +1,1 @@
+"""Steps A and C on a Dask cluster (the ``cluster`` setting): docs/cluster.md."""
