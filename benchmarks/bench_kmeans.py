@@ -11,6 +11,10 @@ fitted on the sample -> L2, as step B does).
 
     .venv/bin/python benchmarks/bench_kmeans.py                     # synthetic, ~3 min
     .venv/bin/python benchmarks/bench_kmeans.py --store runs/x/features/<name>.lmdb
+    .venv/bin/python benchmarks/bench_kmeans.py --niter 40 --tol 1e-4   # stop on convergence
+
+``--tol`` is step B's ``kmeans_tol`` for the two Lloyd loops (0, the default here: every
+iteration runs, as before the key existed); the iterations they ran are printed.
 """
 
 from __future__ import annotations
@@ -77,6 +81,8 @@ def main() -> None:
                     help="words (>= 1,024, or the approximate mode is exact)")
     ap.add_argument("--niter", type=int, default=10, help="iterations (all methods)")
     ap.add_argument("--repeats", type=int, default=3, help="rotations")
+    ap.add_argument("--tol", type=float, default=0.0,
+                    help="kmeans_tol of the Lloyd loops (0: all --niter iterations)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--store", type=Path, default=None, help="real feature store (LMDB)")
     a = ap.parse_args()
@@ -98,11 +104,17 @@ def main() -> None:
                             tol=0.0, reassignment_ratio=0.01)
         return m.fit(x).cluster_centers_.astype(np.float32)
 
+    ran: dict[str, str] = {}  # iterations run and why the loop stopped
+
+    def lloyd(name: str, mode: str) -> np.ndarray:
+        r = train_kmeans(x, a.k, a.niter, a.seed, mode, "cpu", tol=a.tol)
+        ran[name] = f"{r.niter} ({r.stop})"
+        return r.centroids
+
     methods = {
-        "faiss exact":
-            lambda: train_kmeans(x, a.k, a.niter, a.seed, "exact", "cpu").centroids,
-        "approximate (PQ shortlist)":
-            lambda: train_kmeans(x, a.k, a.niter, a.seed, "approximate").centroids,
+        "faiss exact": lambda: lloyd("faiss exact", "exact"),
+        "approximate (PQ shortlist)": lambda: lloyd("approximate (PQ shortlist)",
+                                                    "approximate"),
         "sklearn MiniBatchKMeans": sklearn_run,
     }
     times: dict[str, list[float]] = {m: [] for m in methods}
@@ -115,11 +127,12 @@ def main() -> None:
             objective[name] = kmeans_objective(x, c)  # same seed -> same result each time
     base_t = statistics.median(times["faiss exact"])
     base_o = objective["faiss exact"]
-    print(f"{'method':26s} {'median s':>9s} {'x exact':>8s} {'objective':>12s} {'/ exact':>8s}")
+    print(f"{'method':26s} {'median s':>9s} {'x exact':>8s} {'objective':>12s} "
+          f"{'/ exact':>8s}  iterations")
     for name in methods:
         t = statistics.median(times[name])
         print(f"{name:26s} {t:9.2f} {t / base_t:8.2f} {objective[name]:12.2f} "
-              f"{objective[name] / base_o:8.4f}")
+              f"{objective[name] / base_o:8.4f}  {ran.get(name, '')}")
 
 
 if __name__ == "__main__":

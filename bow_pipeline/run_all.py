@@ -7,7 +7,9 @@ editing the settings file meanwhile reaches no step. A step is skipped when
 ``<path_output>/run_state.json`` says it finished with the same settings and input files
 (for everything that affects it) and its outputs exist; after a step has run, every later
 step runs too.
-Prints one progress line per step and the final mAP. Details: lib/pipeline.py.
+Prints per step a start line, the step's one-line summary and a done line, then the
+final mAP; warnings and progress bars show, the steps' INFO logs and third-party
+loader messages only with -v. Details: lib/pipeline.py.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ def main() -> None:
         # imported here, not at the top: --help and bad arguments need no torch
         from lib.service.query_service import QueryService, parse_box
 
-        settings = load_from_args(args)
+        settings = load_from_args(args, resolve_auto=True)
         box = parse_box(args.box)
         with QueryService(settings, warm=False) as svc:
             answers = svc.search_files(args.images, box, args.top)

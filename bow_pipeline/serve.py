@@ -43,7 +43,7 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
         faiss.omp_set_num_threads(args.threads)
-        settings = load_from_args(args)
+        settings = load_from_args(args, resolve_auto=True)
         pixels = min(args.max_pixels, int(settings["max_image_pixels"]))
         with QueryService(settings, max_pixels=pixels,
                           max_concurrent=args.max_concurrent) as svc:

@@ -33,6 +33,16 @@ file: an edit to the settings file while ``run_all`` runs reaches none of its st
 the hashes ``run_state.json`` records are those of the settings the steps used. The
 snapshot stays after the run: it is what the last ``run_all`` ran with.
 
+Console: one line when a step starts, the step's own summary line, one when it is done,
+and the final mAP. The steps run with ``--quiet`` (``-v`` when run_all has it,
+:func:`lib.cli.step_arguments`), so their INFO logs stay off the console; warnings,
+errors and the steps' progress bars (on stderr, erased when done) still show.
+
+Pre-flight (:func:`preflight`): before step A, the settings are checked against what can
+be known from the ground truth alone: ``n_centers`` against the largest training sample
+the database can give (:func:`lib.vocabulary.sizing.check_codebook_size`), and one
+warning names the queries without positives.
+
 Locking: :func:`run_all` holds the output folder's lock (and that of ``path_features`` /
 ``path_models`` where they lie outside ``path_output``, :func:`shared_folders`) for its
 whole duration, so a second run cannot slip in between two steps; each step process
@@ -177,6 +187,31 @@ def up_to_date(step: Step, s: Settings, state: dict) -> bool:
         p.exists() for p in step.outputs(s))
 
 
+def preflight(s: Settings, only: Sequence[str] | None = None) -> None:
+    """Refuse before step A what the ground truth and the settings alone show cannot
+    work (an ``n_centers`` above the training sample the database can give), and warn
+    once about queries without positives. A ground truth that cannot be read is left
+    to step A to report."""
+    from lib.groundtruth.loader import (
+        DISTRACTOR_PREFIX,
+        load_ground_truth,
+        warn_without_positives,
+    )
+    from lib.vocabulary.sizing import check_codebook_size
+
+    try:
+        gt = load_ground_truth(s)
+    except UserError:
+        return
+    warn_without_positives(gt, s["path_gt"])
+    if only and not {"A", "B"} & set(only):
+        return
+    ids = gt.db_ids
+    if s["stream_distractors"]:  # not in A's store: B never trains on them
+        ids = [i for i in ids if not i.startswith(DISTRACTOR_PREFIX)]
+    check_codebook_size(s, len(ids))
+
+
 def run_all(s: Settings, arguments: Sequence[str] = (), force: Sequence[str] = (),
             only: Sequence[str] | None = None) -> StepResult:
     """Run A..E, each as its own process (see the module docstring for why), on one
@@ -188,6 +223,8 @@ def run_all(s: Settings, arguments: Sequence[str] = (), force: Sequence[str] = (
 
     The output folder (and the shared folders of :func:`shared_folders`) stay locked for
     the whole run; the steps take the locks over (module docstring)."""
+    if isinstance(s, Settings):  # before the lock creates the output folder
+        preflight(s, only)
     with output_lock(s.path_output, "run_all"), step_locks(s, "AB", "run_all"):
         return _run_all(s, arguments, force, only)
 

@@ -15,6 +15,7 @@ inherits another settings file's keys (resolved relative to this file).
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
@@ -101,6 +102,16 @@ SCHEMA: tuple[Key, ...] = (
     Key("num_workers", "int", 2, "DataLoader decode workers (0 = in the main process)", "-"),
     Key("device", "str", "auto", "auto (CUDA when present), cpu or cuda", "-",
         choices=("auto", "cpu", "cuda")),
+    Key("cpu_kernels", "str", "onednn", "CPU convolution kernels of A and of D's query "
+        "encoding: onednn (fast; the maps' last bits depend on the thread count) or portable "
+        "(torch's own kernels: the same maps under any thread count, several times slower; "
+        "docs/guarantees.md#determinism)", "-", choices=("onednn", "portable")),
+    Key("cluster", "str", "none", "where steps A and C run their per-image work: none (this "
+        "process), local:N (a Dask LocalCluster of N workers on this machine) or a Dask "
+        "scheduler address (tcp://host:8786); needs pip install -e .[cluster]; the result is "
+        "the same bytes (docs/cluster.md)", "-"),
+    Key("shard_size", "int", 256, "cluster: images per task (step C rounds it up to whole "
+        "32-image assignment batches)", "-", min=1),
     Key("precision", "str", "fp32", "network arithmetic: fp32, fp16 or bf16 (fp16/bf16 on "
         "CUDA only)", "A", choices=("fp32", "fp16", "bf16")),
     Key("max_image_pixels", "int", 178956970, "decompression-bomb guard: larger images are "
@@ -116,7 +127,10 @@ SCHEMA: tuple[Key, ...] = (
     Key("TRAIN_CENTROIDS", "bool", True, "fit the codebook in step B (false: reuse)", "B"),
     Key("pca_dim", "int", 512, "PCA output dimension", "B", min=1),
     Key("whiten", "bool", True, "whiten the PCA output", "B"),
-    Key("n_centers", "int", 25000, "vocabulary size K", "B"),
+    Key("n_centers", "int|auto", 25000, "vocabulary size K, or auto: a tenth of the training "
+        "features step B samples, at most 25,000 (resolved value recorded in codebook.json; "
+        "a value above the number of training features is refused, before step A where "
+        "the count can be estimated)", "B"),
     Key("n_samples", "int", 3000000, "at most this many local features for PCA and k-means "
         "(all of them when fewer; otherwise a seeded per-image sample)", "B"),
     Key("max_train_images", "int", 10000, "at most this many images are sampled for "
@@ -130,7 +144,11 @@ SCHEMA: tuple[Key, ...] = (
         "approximate: a PQ fast-scan shortlist of 16 words, re-ranked exactly, answers "
         "each assignment step (VLFeat-ANN-like)", "B",
         choices=("exact", "approximate")),
-    Key("kmeans_iter", "int", 20, "k-means iterations", "B"),
+    Key("kmeans_iter", "int", 20, "k-means iterations at most (fewer when kmeans_tol "
+        "stops it)", "B"),
+    Key("kmeans_tol", "float", 1e-4, "k-means stops once an iteration lowers the objective "
+        "(sum of squared distances) by less than this fraction; 0: always kmeans_iter "
+        "iterations", "B", min=0, max=1),
     Key("seed", "int", 0, "seed for every random choice (sampling, k-means init)", "B"),
     # ---- step C
     Key("assignment", "str", "exact", "nearest-word search: exact or approximate (a PQ "
@@ -233,7 +251,8 @@ class Settings(Mapping[str, Any]):
 
     def __getitem__(self, k: str) -> Any:
         if k not in self._v:
-            raise SettingsError(f"{self.source}: unknown settings key '{k}'")
+            raise SettingsError(f"{self.source}: unknown settings key '{k}'"
+                                f"{did_you_mean(k, self._v)}")
         return self._v[k]
 
     def __iter__(self):
@@ -258,7 +277,8 @@ class Settings(Mapping[str, Any]):
         v = dict(self._v)
         for k, x in changes.items():
             if k not in SCHEMA_BY_NAME:
-                raise SettingsError(f"{self.source}: unknown settings key '{k}'")
+                raise SettingsError(f"{self.source}: unknown settings key '{k}'"
+                                    f"{did_you_mean(k, SCHEMA_BY_NAME)}")
             v[k] = _check_type(SCHEMA_BY_NAME[k], x, self.source, lambda p: Path(p))
         return Settings(v, self.source)
 
@@ -274,7 +294,8 @@ class Settings(Mapping[str, Any]):
         return step_hash(self, step, keys)
 
 
-def _expand(raw: str, key: str, base: Path, roots: dict[str, Path], source: Path) -> Path:
+def _expand(raw: str, key: str, base: Path, roots: dict[str, Path], source: Path | str
+            ) -> Path:
     for var, root in roots.items():
         if raw == var or raw.startswith(var + "/"):
             return (root / raw[len(var) + 1:]).resolve() if raw != var else root.resolve()
@@ -286,7 +307,7 @@ def _expand(raw: str, key: str, base: Path, roots: dict[str, Path], source: Path
     return p if p.is_absolute() else (base / p).resolve()
 
 
-def _check_type(k: Key, v: Any, source: Path, to_path) -> Any:
+def _check_type(k: Key, v: Any, source: Path | str, to_path) -> Any:
     def bad(why: str) -> SettingsError:
         return SettingsError(f"{source}: key '{k.name}': {why}")
 
@@ -301,6 +322,9 @@ def _check_type(k: Key, v: Any, source: Path, to_path) -> Any:
     elif t == "int":
         if isinstance(v, bool) or not isinstance(v, int):
             raise bad(f"expected an integer, got {v!r}")
+    elif t == "int|auto":
+        if v != "auto" and (isinstance(v, bool) or not isinstance(v, int)):
+            raise bad(f'expected an integer or "auto", got {v!r}')
     elif t == "float":
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise bad(f"expected a number, got {v!r}")
@@ -349,6 +373,13 @@ def _range_text(k: Key) -> str:
     if k.min is not None:
         return f">= {num(k.min)}"
     return f"<= {num(k.max)}"
+
+
+def did_you_mean(word: str, options: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` for the option closest to a misspelt ``word`` (difflib),
+    or ``""`` when none is close: appended to an unknown-key error."""
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
 
 
 def parse_override(item: str, source: Path) -> tuple[str, Any]:
@@ -420,14 +451,19 @@ def load_settings(
     """Load, validate and fill defaults. Raises SettingsError naming key and file."""
     source = Path(path).resolve()
     tagged = _read_with_extends(source)
-    items: Iterable[tuple[str, Any]] = (
-        overrides.items() if isinstance(overrides, Mapping)
-        else (parse_override(o, source) for o in overrides)
+    items: Iterable[tuple[str, Any, str]] = (
+        ((k, v, f"--set {k}={json.dumps(v)}") for k, v in overrides.items())
+        if isinstance(overrides, Mapping)
+        else ((*parse_override(o, source), f"--set {o}") for o in overrides)
     )
-    for k, v in items:
+    # errors about an overridden key name the --set that gave it, not a file
+    labels: dict[str, str] = {}
+    for k, v, label in items:
         if k not in SCHEMA_BY_NAME:
-            raise SettingsError(f"--set {k}: unknown settings key (file {source})")
+            raise SettingsError(f"{label}: unknown settings key '{k}'"
+                                f"{did_you_mean(k, SCHEMA_BY_NAME)}")
         tagged[k] = (v, Path.cwd() / "_")  # relative override paths: relative to cwd
+        labels[k] = label
     roots = {
         "$DATA": Path(data_root or os.environ.get("BLCF_DATA_ROOT") or REPO_ROOT / "data"),
         "$RUNS": Path(runs_root or os.environ.get("BLCF_RUNS_ROOT") or REPO_ROOT / "runs"),
@@ -435,11 +471,13 @@ def load_settings(
     values: dict[str, Any] = {}
     for k, (v, origin) in tagged.items():
         if k not in SCHEMA_BY_NAME:
-            raise SettingsError(f"{origin}: unknown settings key '{k}'")
+            raise SettingsError(f"{origin}: unknown settings key '{k}'"
+                                f"{did_you_mean(k, SCHEMA_BY_NAME)}")
         spec = SCHEMA_BY_NAME[k]
+        where = labels.get(k, origin)
         values[k] = _check_type(
-            spec, v, origin, lambda p, k=k, origin=origin: _expand(p, k, origin.parent, roots,
-                                                                  origin))
+            spec, v, where, lambda p, k=k, origin=origin, where=where: _expand(
+                p, k, origin.parent, roots, where))
     for spec in SCHEMA:
         if spec.name not in values:
             if spec.required:
@@ -448,7 +486,8 @@ def load_settings(
         if check_paths and spec.must_exist and values[spec.name] is not None:
             p = values[spec.name]
             if not Path(p).exists():
-                raise SettingsError(f"{source}: key '{spec.name}': path does not exist: {p}")
+                raise SettingsError(f"{labels.get(spec.name, source)}: key '{spec.name}': "
+                                    f"path does not exist: {p}")
     out = values["path_output"]
     if values["path_features"] is None:
         values["path_features"] = out / "features"
@@ -463,12 +502,25 @@ def _cross_checks(v: dict[str, Any], source: Path) -> None:
         raise SettingsError(f"{source}: key 'weights_file': required when weights is 'file'")
     if v["query_expansion"] == "lqe" and not v["rerank"]:
         raise SettingsError(f"{source}: key 'query_expansion': 'lqe' needs rerank = true")
-    if v["n_centers"] < 1:
+    if v["n_centers"] != "auto" and v["n_centers"] < 1:
         raise SettingsError(f"{source}: key 'n_centers': must be >= 1")
     if v["new_dim"] is not None and v["new_dim"][0] < v["new_dim"][1]:
         raise SettingsError(f"{source}: key 'new_dim': give it in portrait order (H >= W)")
     if v["input_size"][0] < v["input_size"][1]:
         raise SettingsError(f"{source}: key 'input_size': give it in portrait order (H >= W)")
+    _check_cluster(v["cluster"], source)
+
+
+def _check_cluster(value: str, source: Path) -> None:
+    """``cluster``: none, local:N (N >= 1) or a scheduler address (scheme://host:port)."""
+    import re
+
+    if value == "none" or re.fullmatch(r"local:[1-9][0-9]*", value):
+        return
+    if re.fullmatch(r"(tcp|tls|inproc|ucx)://[^\s/]+(:[0-9]+)?/?", value):
+        return
+    raise SettingsError(f"{source}: key 'cluster': {value!r} is not none, local:N (N >= 1) "
+                        "or a scheduler address such as tcp://host:8786")
 
 
 def schema_markdown() -> str:
@@ -476,7 +528,7 @@ def schema_markdown() -> str:
     rows = ["| key | type | default | step | meaning |", "|---|---|---|---|---|"]
     for k in SCHEMA:
         d = "required" if k.required else json.dumps(k.default)
-        t = k.type + (" or null" if k.nullable else "")
+        t = k.type.replace("|auto", ' or "auto"') + (" or null" if k.nullable else "")
         if k.min is not None or k.max is not None:
             t += f", {_range_text(k)}"
         rows.append(f"| `{k.name}` | {t} | {d} | {k.step} | {k.doc} |")

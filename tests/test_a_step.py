@@ -37,7 +37,9 @@ def _dataset(tmp_path: Path, **overrides) -> Path:
     s = {"dataset": "tiny", "gt_format": "generic", "path_images": "images",
          "path_gt": "gt.json", "path_output": "run", "network": "efficientnet_lite0",
          "weights": "random", "layers": ["s6_expand", "head"], "input_size": [48, 32],
-         "batch_size": 2, "num_workers": 0, "device": "cpu", **overrides}
+         "batch_size": 2, "num_workers": 0, "device": "cpu",
+         "n_centers": 4,  # step A refuses a vocabulary the set could never train
+         **overrides}
     path = tmp_path / "settings.json"
     path.write_text(json.dumps(s))
     return path

@@ -79,6 +79,27 @@ def test_bad_override(tmp_path, settings):
     _check_one_line(run("run_all.py", str(f), "--set", "nope=1"), "--set nope")
 
 
+@pytest.mark.parametrize("script", ["run_all.py", "B_processing_clustering.py"])
+def test_override_errors_name_the_override(tmp_path, settings, script):
+    """A --set error names the --set (there is no file to name) and a misspelt key gets
+    the closest valid one; still one line, exit code 2, nothing written."""
+    f = tmp_path / "s.json"
+    f.write_text(json.dumps(settings))
+    proc = run(script, str(f), "--set", "masking=yes")
+    _check_one_line(proc)
+    assert proc.stderr.strip() == ("error: --set masking=yes: key 'masking': expected an "
+                                   "integer, got 'yes'")
+    proc = run(script, str(f), "--set", "n_center=5")
+    _check_one_line(proc)
+    assert proc.stderr.strip() == ("error: --set n_center=5: unknown settings key "
+                                   "'n_center'; did you mean 'n_centers'?")
+    settings["n_center"] = 3
+    f.write_text(json.dumps(settings))
+    _check_one_line(run(script, str(f)), f"{f}: unknown settings key 'n_center'; did you "
+                    "mean 'n_centers'?")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_help_explains_inputs_and_outputs(script):
     proc = run(script, "--help")
@@ -128,3 +149,17 @@ def test_run_all_runs_every_script(tmp_path):
     assert lines[:5] == [f"[{i}/5] {k} {t}: up to date, skipped"
                          for i, (k, t) in enumerate(STEP_TITLES.items(), 1)]
     assert lines[5:] == out[-1:]
+
+
+def test_run_all_refuses_an_untrainable_codebook_before_step_a(tmp_path):
+    """n_centers above the training sample the database can give: one line with the
+    largest valid value, exit 2, before step A starts (nothing written)."""
+    path = make_dataset(tmp_path / "d")
+    proc = subprocess.run([sys.executable, str(REPO / "bow_pipeline" / "run_all.py"),
+                           str(path), "--set", "n_centers=5000"], capture_output=True,
+                          text=True, timeout=300, env=env())
+    _check_one_line(proc, "key 'n_centers': 5000 words need at least as many training "
+                    "features, but 8 images of 12 features", "use n_centers <= 96, or "
+                    '"auto" (9 here)')
+    assert proc.stdout == ""
+    assert not (tmp_path / "d" / "run").exists()

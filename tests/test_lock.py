@@ -194,7 +194,7 @@ def test_a_step_alone_locks_the_shared_folder_it_writes(tmp_path, monkeypatch, c
          "with output_lock(sys.argv[1], 'A'):\n print('held', flush=True); time.sleep(30)",
          str(s.path_features)], stdout=subprocess.PIPE, text=True, cwd=REPO)
     called = []
-    monkeypatch.setattr(cli, "load_from_args", lambda args: s)
+    monkeypatch.setattr(cli, "load_from_args", lambda args, resolve_auto=False: s)
     monkeypatch.delenv(LOCK_ENV, raising=False)
     args = cli.make_parser("A", "").parse_args([str(s.source), "-q"])
     try:

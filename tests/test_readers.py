@@ -179,3 +179,76 @@ def test_dispatch_through_settings(tmp_path: Path) -> None:
     gt = load_ground_truth(load_settings(s))
     assert gt.db_ids == ["paris_defense_000605", "paris_eiffel_000266", "distractors/d/0",
                          "distractors/d/1"]
+
+
+def _generic(tmp_path: Path, gnd: list) -> Path:
+    f = tmp_path / "gnd.json"
+    f.write_text(json.dumps({"imlist": ["a", "b", "c"], "qimlist": ["q0", "q1"][:len(gnd)],
+                             "gnd": gnd}))
+    return f
+
+
+def test_generic_gnd_unknown_key_is_refused(tmp_path: Path) -> None:
+    """A misspelt judgement key used to be ignored, leaving a query without positives (a
+    silently wrong mAP); it is now an error naming the query and the key."""
+    from lib.groundtruth.loader import read_generic_json
+
+    f = _generic(tmp_path, [{"ok": [0]}, {"positives": [1], "junk": []}])
+    with pytest.raises(UserError) as e:
+        read_generic_json(f, tmp_path, "g")
+    msg = str(e.value)
+    assert msg.startswith(f"{f}: query 1 (q1): unknown key 'positives' in its gnd entry")
+    assert "valid keys: ok, junk, bbx, easy, hard" in msg and "\n" not in msg
+    f = _generic(tmp_path, [{"oks": [0]}])
+    with pytest.raises(UserError, match="query 0 \\(q0\\): unknown key 'oks' in its gnd "
+                                        "entry; did you mean 'ok'\\?"):
+        read_generic_json(f, tmp_path, "g")
+    f = _generic(tmp_path, [{"ok": [0], "easy": [1]}])
+    with pytest.raises(UserError, match="mixes 'ok' with 'easy'/'hard'"):
+        read_generic_json(f, tmp_path, "g")
+    # every valid key together still loads
+    f = _generic(tmp_path, [{"ok": [0], "junk": [2], "bbx": [0, 0, 4, 4]},
+                            {"easy": [1], "hard": [], "junk": [0], "bbx": None}])
+    gt = read_generic_json(f, tmp_path, "g")
+    assert [q.positives for q in gt.queries] == [{"a"}, {"b"}]
+
+
+def test_queries_without_positives_are_named_in_one_warning(tmp_path: Path, caplog) -> None:
+    from lib.groundtruth.loader import read_generic_json, warn_without_positives
+
+    f = _generic(tmp_path, [{"ok": [0]}, {"ok": [], "junk": [1]}])
+    gt = read_generic_json(f, tmp_path, "g")
+    with caplog.at_level("WARNING", logger="lib.groundtruth.loader"):
+        assert warn_without_positives(gt, f) == ["q1"]
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "1 of 2 queries have no positives ('q1')" in warnings[0].getMessage()
+    caplog.clear()
+    f = _generic(tmp_path, [{"ok": [0]}])
+    with caplog.at_level("WARNING", logger="lib.groundtruth.loader"):
+        assert warn_without_positives(read_generic_json(f, tmp_path, "g"), f) == []
+    assert not caplog.records
+
+
+OFFICIAL = Path("/work/shared/data/ground_truth")
+
+
+@pytest.mark.skipif(not OFFICIAL.is_dir(), reason="the official ground-truth files are "
+                    "not on this machine")
+def test_official_ground_truth_files_still_load(tmp_path: Path) -> None:
+    """The strict gnd keys accept the official revisited pickles (bbx, easy, hard,
+    junk), and the Oxford and Paris files load as before."""
+    for name in ("roxford5k", "rparis6k"):
+        gt = read_revisited(OFFICIAL / "revisited", tmp_path, name)
+        assert len(gt.queries) == 70 and all(q.positives for q in gt.queries)
+    for reader, folder, prefix in ((read_oxford, "oxford5k", "oxc1_"),
+                                   (read_paris, "paris6k", "")):
+        gt_dir = OFFICIAL / folder
+        ids = set()
+        for f in gt_dir.glob("*_query.txt"):
+            ids.add(f.read_text().split()[0].removeprefix(prefix))
+        for f in gt_dir.glob("*_[gojk]*.txt"):
+            ids.update(f.read_text().split())
+        images = _touch_images(tmp_path / folder, sorted(ids))
+        gt = reader(gt_dir, images, folder)
+        assert len(gt.queries) == 55

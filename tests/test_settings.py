@@ -103,10 +103,66 @@ def test_overrides(tmp_path, base):
                                     "new_dim=null", "rerank=true"])
     assert s.n_centers == 64 and s.network == "efficientnet_lite0"
     assert s.new_dim is None and s.rerank is True
-    with pytest.raises(SettingsError, match="--set bogus: unknown settings key"):
+    with pytest.raises(SettingsError, match="^--set bogus=1: unknown settings key 'bogus'$"):
         load_settings(f, overrides=["bogus=1"])
     with pytest.raises(SettingsError, match="key 'n_centers': expected an integer"):
         load_settings(f, overrides=["n_centers=abc"])
+
+
+def test_override_errors_name_the_set_not_a_file(tmp_path, base):
+    """A bad --set value is reported as the --set that gave it (there is no file)."""
+    f = write(tmp_path / "s.json", base)
+    with pytest.raises(SettingsError) as e:
+        load_settings(f, overrides=["masking=yes"])
+    assert str(e.value) == "--set masking=yes: key 'masking': expected an integer, got 'yes'"
+    with pytest.raises(SettingsError) as e:
+        load_settings(f, overrides=["path_queries=nowhere"])
+    assert str(e.value).startswith("--set path_queries=nowhere: key 'path_queries': path "
+                                   "does not exist")
+    with pytest.raises(SettingsError) as e:  # programmatic overrides too
+        load_settings(f, overrides={"masking": "yes"})
+    assert str(e.value).startswith('--set masking="yes": key \'masking\'')
+    base["masking"] = "yes"  # from the file: the file is named
+    with pytest.raises(SettingsError, match=r"s2\.json: key 'masking': expected an integer"):
+        load_settings(write(tmp_path / "s2.json", base))
+
+
+def test_unknown_keys_suggest_the_closest(tmp_path, base):
+    f = write(tmp_path / "s.json", base)
+    with pytest.raises(SettingsError) as e:
+        load_settings(f, overrides=["n_center=64"])
+    assert str(e.value) == ("--set n_center=64: unknown settings key 'n_center'; did you "
+                            "mean 'n_centers'?")
+    base["kmeans_iters"] = 5
+    with pytest.raises(SettingsError) as e:
+        load_settings(write(tmp_path / "s2.json", base))
+    assert str(e.value).endswith("s2.json: unknown settings key 'kmeans_iters'; did you mean "
+                                 "'kmeans_iter'?")
+    del base["kmeans_iters"]
+    base["zzzz_qqq"] = 1  # nothing close: no suggestion
+    with pytest.raises(SettingsError) as e:
+        load_settings(write(tmp_path / "s3.json", base))
+    assert str(e.value).endswith("unknown settings key 'zzzz_qqq'")
+    s = load_settings(f)
+    with pytest.raises(SettingsError, match="did you mean 'pca_dim'"):
+        s.replace(pca_dims=3)
+
+
+def test_n_centers_auto_and_kmeans_tol(tmp_path, base):
+    """n_centers takes "auto" (and nothing else that is not an integer); kmeans_tol is a
+    step B key: changing it reruns B, not A."""
+    f = write(tmp_path / "s.json", base)
+    s = load_settings(f, overrides=["n_centers=auto"])
+    assert s.n_centers == "auto"
+    with pytest.raises(SettingsError, match='key \'n_centers\': expected an integer or "auto"'):
+        load_settings(f, overrides=["n_centers=many"])
+    assert load_settings(f).kmeans_tol == 1e-4
+    with pytest.raises(SettingsError, match="key 'kmeans_tol': must be between 0 and 1"):
+        load_settings(f, overrides=["kmeans_tol=-1"])
+    a, b = load_settings(f), load_settings(f, overrides=["kmeans_tol=0"])
+    assert a.step_hash("A") == b.step_hash("A")
+    assert a.step_hash("B") != b.step_hash("B")
+    assert s.step_hash("B") != a.step_hash("B")  # "auto" is not the default 25000
 
 
 def test_extends(tmp_path, base):

@@ -21,10 +21,13 @@ Why this shape:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import logging
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,31 @@ log = logging.getLogger(__name__)
 
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 COMMIT_EVERY_S = 2.0  # finished batches are committed together at most this often
+
+
+_portable_lock = threading.Lock()
+_portable_users = 0
+_onednn_before = True
+
+
+@contextmanager
+def portable_kernels() -> Iterator[None]:
+    """torch's own CPU kernels instead of oneDNN while inside. The switch is process-wide
+    in torch, so concurrent users (the search server's threads) share it: it is turned
+    off by the first to enter and restored by the last to leave."""
+    global _portable_users, _onednn_before
+    with _portable_lock:
+        if _portable_users == 0:
+            _onednn_before = torch.backends.mkldnn.enabled
+            torch.backends.mkldnn.enabled = False
+        _portable_users += 1
+    try:
+        yield
+    finally:
+        with _portable_lock:
+            _portable_users -= 1
+            if _portable_users == 0:
+                torch.backends.mkldnn.enabled = _onednn_before
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -66,6 +94,10 @@ class Extractor:
             raise UserError(f"settings key 'precision': {self.precision!r} needs a CUDA "
                             "device (use fp32 on the CPU)")
         self.layers = list(settings["layers"])
+        # oneDNN's CPU convolutions split their work by thread count, so their last bits
+        # follow it; torch's own kernels do not (docs/guarantees.md#determinism)
+        self.onednn = not (self.device.type == "cpu"
+                           and settings.get("cpu_kernels", "onednn") == "portable")
         bb = build_backbone(settings["network"], settings["weights"], self.layers,
                             settings["weights_file"])
         self.backbone = bb.to(self.device, memory_format=torch.channels_last)
@@ -80,7 +112,7 @@ class Extractor:
     def forward(self, x: torch.Tensor) -> dict[str, np.ndarray]:
         """uint8 (N, 3, H, W) RGB batch -> {layer: float32 (N, C, h, w)} on the host."""
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
+        with torch.inference_mode(), (nullcontext() if self.onednn else portable_kernels()):
             xin = self.backbone.preprocess(x)
             if self.precision in _AUTOCAST:
                 with torch.autocast("cuda", dtype=_AUTOCAST[self.precision]):
@@ -156,17 +188,24 @@ def store_meta(settings: Any, provenance: Mapping[str, Any], count: int, created
             "compute": dict(compute) if compute is not None else None}
 
 
-def compute_record(device: torch.device) -> dict[str, Any]:
+def compute_record(device: torch.device, cpu_kernels: str = "onednn") -> dict[str, Any]:
     """What the stored maps' bits depend on besides the provenance: the device type and,
-    on the CPU, torch's intra-op thread count (``torch.get_num_threads()``, set by
-    ``OMP_NUM_THREADS``): the forward pass splits its reductions by thread, so one and two
-    threads give EfficientNet-Lite0 maps that differ in the last bits. Decode workers are
-    processes with one thread each (:func:`_init_worker`) and do not count."""
-    return {"device": device.type,
-            "threads": torch.get_num_threads() if device.type == "cpu" else None}
+    on the CPU with oneDNN kernels, torch's intra-op thread count
+    (``torch.get_num_threads()``, set by ``OMP_NUM_THREADS``): oneDNN splits its reductions
+    by thread, so one and two threads give EfficientNet-Lite0 maps that differ in the last
+    bits. torch's portable kernels (``cpu_kernels = portable``) give the same bits under any
+    count, so their record names the kernels instead. Decode workers are processes with
+    one thread each (:func:`_init_worker`) and do not count."""
+    if device.type != "cpu":
+        return {"device": device.type, "threads": None}
+    if cpu_kernels == "portable":
+        return {"device": "cpu", "threads": None, "kernels": "portable"}
+    return {"device": "cpu", "threads": torch.get_num_threads()}
 
 
 def _describe(compute: Mapping[str, Any]) -> str:
+    if compute.get("kernels") == "portable":
+        return "on cpu with cpu_kernels = portable"
     if compute.get("threads") is None:
         return f"on {compute.get('device')}"
     return f"on {compute.get('device')} with {compute['threads']} intra-op thread(s)"
@@ -179,9 +218,12 @@ def check_compute(recorded: Any, current: Mapping[str, Any], n_stored: int,
     record (``recorded`` None) is not checked."""
     if not isinstance(recorded, Mapping) or dict(recorded) == dict(current):
         return
-    fix = (f"resume with OMP_NUM_THREADS={recorded['threads']}"
-           if recorded.get("threads") is not None and recorded.get("device") == "cpu"
-           else f"resume with device = {recorded.get('device')}")
+    if recorded.get("kernels") == "portable":
+        fix = "resume with device = cpu and cpu_kernels = portable"
+    elif recorded.get("threads") is not None and recorded.get("device") == "cpu":
+        fix = f"resume with OMP_NUM_THREADS={recorded['threads']} and cpu_kernels = onednn"
+    else:
+        fix = f"resume with device = {recorded.get('device')}"
     raise UserError(f"{where}: its {n_stored} stored images were extracted "
                     f"{_describe(recorded)}, this run would extract {_describe(current)}, "
                     f"which gives other numbers; {fix}, or delete the store to extract "
@@ -207,6 +249,8 @@ def run_extraction(settings: Any, image_ids: list[str], store_path: Path | None 
     """Fill the feature store with the maps of ``image_ids`` (step A). Stored ids are
     skipped; corrupt images are listed in ``corrupted.txt`` and skipped. Returns counts
     and timings. ``stop_after_batches`` simulates an interruption (tests)."""
+    from lib.cluster.engine import open_engine
+    from lib.cluster.shards import cluster_compute_record, extract_on_cluster
     from lib.features.feature_store import FeatureStore, write_corrupted
     from lib.features.networks import feature_provenance
 
@@ -220,6 +264,7 @@ def run_extraction(settings: Any, image_ids: list[str], store_path: Path | None 
     image_ids, bad_ids = split_bad_ids(image_ids)
     fresh = not (path / "data.mdb").is_file()
     store = FeatureStore(path, readonly=False)
+    stack = contextlib.ExitStack()  # the Dask client when settings' cluster is not none
     try:
         meta = store.meta
         if not fresh and meta:
@@ -233,7 +278,12 @@ def run_extraction(settings: Any, image_ids: list[str], store_path: Path | None 
         todo = [i for i in image_ids if i not in stored]
         # the thread count and device the stored maps were computed with: a resume under
         # others is refused (compute_record), a new or emptied store records this run's
-        current = compute_record(pick_device(settings["device"])) if todo else None
+        engine = stack.enter_context(open_engine(settings)) if todo else None
+        if engine is not None:  # every worker computes as the store records (shards.py)
+            current = cluster_compute_record(engine, settings)
+        else:
+            current = (compute_record(pick_device(settings["device"]), settings["cpu_kernels"])
+                       if todo else None)
         recorded = meta.get("compute") if not fresh and meta else None
         if stored and current is not None:
             check_compute(recorded, current, len(stored), str(path))
@@ -241,15 +291,21 @@ def run_extraction(settings: Any, image_ids: list[str], store_path: Path | None 
         store.set_meta(store_meta(settings, prov, len(stored), created, False, compute))
         n_skipped = len(image_ids) - len(todo)
         corrupt: dict[str, str] = dict(bad_ids)  # never stored: always retried
-        ext = Extractor(settings) if todo else None
-        res = fill_batches(ext, settings, store, image_ids, stored, todo, corrupt,
-                    stop_after_batches)
+        ext = Extractor(settings) if todo and engine is None else None
+        if engine is not None:
+            res = extract_on_cluster(engine, settings, store, image_ids, todo, corrupt,
+                                     compute or {})
+            res["device"] = f"{engine.describe()}, {compute and compute['device']}"
+        else:
+            res = fill_batches(ext, settings, store, image_ids, stored, todo, corrupt,
+                               stop_after_batches)
         write_corrupted(path, corrupt.items())
         n_total = len(store)
         complete = not res["interrupted"]
         store.set_meta(store_meta(settings, prov, n_total, created, complete, compute))
         store.sync()
     finally:
+        stack.close()
         store.close()
     wall = time.perf_counter() - t_start
     n_new = len(res["done"])
@@ -258,7 +314,8 @@ def run_extraction(settings: Any, image_ids: list[str], store_path: Path | None 
             "loop_seconds": res["loop_s"], "forward_seconds": res["forward_s"],
             "wait_seconds": res["wait_s"],
             "images_per_s": n_new / res["loop_s"] if res["loop_s"] > 0 else 0.0,
-            "device": str(ext.device) if ext else "-", "interrupted": res["interrupted"]}
+            "device": res.get("device") or (str(ext.device) if ext else "-"),
+            "interrupted": res["interrupted"], "cluster": res.get("cluster")}
 
 
 def split_bad_ids(image_ids: Sequence[str]) -> tuple[list[str], dict[str, str]]:
@@ -338,7 +395,8 @@ def fill_batches(ext: Extractor | None, settings: Any, store: Any, image_ids: li
                         prefetch_factor=prefetch)
     buckets: dict[tuple[int, int], list[tuple[str, torch.Tensor | None, Any]]] = {}
     n_batches = 0
-    bar = tqdm(total=len(todo), unit="img", desc=desc, smoothing=0.05)
+    bar = tqdm(total=len(todo), unit="img", desc=desc, smoothing=0.05, leave=False,
+               disable=None)
     t0 = time.perf_counter()
 
     pending: list[tuple[str, dict[str, np.ndarray], Any]] = []

@@ -9,8 +9,9 @@ Portrait images (taller than wide) go in at input_size (e.g. 336x256), all other
 squares included, at its transpose (256x336); resize = max_side keeps the aspect ratio.
 
 Output: <path_features>/<network>-<weights>-<layers>-<H>x<W>-<resize>.lmdb, an LMDB
-folder: key = image id, value = header (magic LCF1, dtype, number of layers, original
-H0 and W0) + per layer (C, h, w) + the maps in feature_dtype (float16 by default);
+folder: key = image id, value = header (magic LCF2, dtype, number of layers, original
+H0 and W0) + per layer (C, h, w) + the maps in feature_dtype (float16 by default) + a
+CRC-32 trailer;
 a __meta__ record (feature provenance, count, settings hash, library versions).
 Unreadable images are listed in <same name>.corrupted.txt (image_id<TAB>reason) and
 skipped. Rerunning skips stored images; an interrupted run resumes and ends with exactly
@@ -44,6 +45,8 @@ def extract_features(settings: Settings, stop_after_batches: int | None = None
     ids = load_ground_truth(settings).db_ids
     if settings["stream_distractors"]:  # step C streams them: no float maps on disk
         ids = [i for i in ids if not i.startswith(DISTRACTOR_PREFIX)]
+    from lib.vocabulary.sizing import check_codebook_size  # n_centers vs the sample, early
+    check_codebook_size(settings, len(ids))
     path = FeatureStore.path_for(settings)
     with output_lock(settings["path_output"], "A"):
         r = run_extraction(settings, ids, path, stop_after_batches=stop_after_batches)

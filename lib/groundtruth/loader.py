@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -24,6 +25,13 @@ from lib.groundtruth.common import (
 )
 
 DISTRACTOR_PREFIX = "distractors/"
+
+# the keys of a ``gnd`` entry in the revisited layout (generic JSON and the revisited
+# pickles): any other key is refused, so that a misspelt judgement ("positives" for
+# "ok") is not read as a query without positives
+GND_KEYS = ("ok", "junk", "bbx", "easy", "hard")
+
+log = logging.getLogger(__name__)
 
 # gt_format -> reader(path_gt, path_images, name) -> GroundTruth. Other modules register
 # their readers here (oxford_paris.py, revisited.py and trecvid.py in this package).
@@ -180,6 +188,7 @@ def read_revisited_layout(data: Mapping[str, Any], name: str, source: Path,
         if not isinstance(g, Mapping):
             raise UserError(f"{source}: gnd[{i}] is not an object")
         where = f"{source}: query {i} ({qname})"
+        _check_gnd_keys(g, where)
         box = _bbox(g.get("bbx"), where)
         if "easy" in g or "hard" in g:
             easy, hard, junk = ids(g, "easy", i), ids(g, "hard", i), ids(g, "junk", i)
@@ -188,6 +197,37 @@ def read_revisited_layout(data: Mapping[str, Any], name: str, source: Path,
         else:
             queries.append(Query(qname, qname, box, ids(g, "ok", i), ids(g, "junk", i)))
     return GroundTruth(name, protocol, imlist, queries)
+
+
+def _check_gnd_keys(g: Mapping[str, Any], where: str) -> None:
+    """Refuse a key outside :data:`GND_KEYS`, with the closest valid one."""
+    from lib.settings import did_you_mean
+
+    for key in g:
+        if key not in GND_KEYS:
+            hint = did_you_mean(str(key), GND_KEYS) or f" (valid keys: {', '.join(GND_KEYS)})"
+            raise UserError(f"{where}: unknown key {str(key)!r} in its gnd entry{hint}")
+    if "ok" in g and ("easy" in g or "hard" in g):
+        raise UserError(f"{where}: gnd entry mixes 'ok' with 'easy'/'hard'; use ok/junk or "
+                        "easy/hard/junk")
+
+
+def queries_without_positives(gt: GroundTruth) -> list[str]:
+    """Names of the queries with no positive image (no AP: step E leaves them out of the
+    mean)."""
+    return [q.name for q in gt.queries if not q.positives]
+
+
+def warn_without_positives(gt: GroundTruth, source: Any) -> list[str]:
+    """One warning naming the queries without positives (the first ten, then a count);
+    returns all of their names."""
+    names = queries_without_positives(gt)
+    if names:
+        shown = ", ".join(repr(n) for n in names[:10])
+        more = f" and {len(names) - 10} more" if len(names) > 10 else ""
+        log.warning("%s: %d of %d queries have no positives (%s%s): they get no AP and are "
+                    "left out of the mAP", source, len(names), len(gt.queries), shown, more)
+    return names
 
 
 @register("generic")
@@ -220,7 +260,18 @@ def check_images_exist(gt: GroundTruth, settings: Mapping[str, Any]) -> list[str
     return missing
 
 
-__all__ = ["DISTRACTOR_PREFIX", "READERS", "check_ground_truth_ids", "check_images_exist",
-           "image_path",
-           "list_images", "load_ground_truth", "read_generic_json", "read_revisited_layout",
-           "register"]
+__all__ = [
+    "DISTRACTOR_PREFIX",
+    "GND_KEYS",
+    "READERS",
+    "check_ground_truth_ids",
+    "check_images_exist",
+    "image_path",
+    "list_images",
+    "load_ground_truth",
+    "queries_without_positives",
+    "read_generic_json",
+    "read_revisited_layout",
+    "register",
+    "warn_without_positives",
+]

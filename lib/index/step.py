@@ -29,6 +29,7 @@ Outputs (path_output):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
@@ -40,6 +41,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lib.artefacts import library_versions, output_lock
+from lib.cluster.engine import LazyEngine
 from lib.errors import ArtefactMismatchError, UserError
 from lib.index.asmk import aggregate
 from lib.index.assignment_store import AssignmentStore
@@ -110,7 +112,7 @@ def assign_all(todo: list[str], reader: Any, sizes: dict[str, tuple[int, int]],
     n_bits = out.meta.get("asmk_bits")  # kernel = asmk: signatures go with the maps
     done = 0
     with tqdm(total=len(todo), desc="assigning", unit="img", mininterval=2.0,
-              disable=None) as bar:
+              disable=None, leave=False) as bar:
         for s in range(0, len(todo), BATCH_IMAGES):
             batch = [(i, *_features(reader, sizes, i)) for i in todo[s:s + BATCH_IMAGES]]
             words = cb.assign(np.concatenate([b[1] for b in batch]))
@@ -171,7 +173,7 @@ def write_signatures(folder: Path, asg: AssignmentStore, present: list[str],
     weights = open_memmap(folder / ASMK_WEIGHTS, "w+", np.float32, (n_post,))
     cursor = offsets[:-1].copy()
     for d, image_id, uw, sg in tqdm(signatures(), total=len(present), desc="ASMK signatures",
-                             unit="img", mininterval=2.0, disable=None):
+                             unit="img", mininterval=2.0, disable=None, leave=False):
         pos = cursor[uw]
         docs[pos] = d
         sigs[pos] = sg
@@ -223,8 +225,11 @@ def build_index(settings: Settings) -> StepResult:
     out_dir = Path(s.path_output)
     apath = AssignmentStore.path_for(s)
     expected = assignment_record(s, pca, cb)
-    with output_lock(out_dir, "C"):
+    with output_lock(out_dir, "C"), contextlib.ExitStack() as stack:
         asg = open_assignments(apath, {**expected, **_extra_meta(s)})
+        # the Dask cluster of settings' cluster, started when there is work to share
+        engine = LazyEngine(s, stack)
+        stack.callback(asg.close)
         try:
             sizes = store.sizes() if store is not None else {}
             # one reader for tuning and assigning (no store: no sizes, nothing to do)
@@ -234,7 +239,7 @@ def build_index(settings: Settings) -> StepResult:
                 _tune(s, cb, asg, reader, sizes, db_ids)
             streamed = {"streamed": 0, "corrupt": 0}
             if s.stream_distractors:
-                streamed = _stream(s, pca, cb, asg, db_ids, sizes)
+                streamed = _stream(s, pca, cb, asg, db_ids, sizes, engine)
             todo = [i for i in db_ids if i not in asg]
             missing = [i for i in todo if i not in sizes]
             if missing:
@@ -242,7 +247,13 @@ def build_index(settings: Settings) -> StepResult:
                             "map (unreadable in step A?) and are left out, e.g. %s",
                             len(missing), ", ".join(missing[:5]))
             todo = [i for i in todo if i in sizes]  # empty without a feature store
-            n_new = assign_all(todo, reader, sizes, cb, asg) if todo else 0
+            if todo and engine.enabled:
+                from lib.cluster.shards import assign_on_cluster
+
+                n_new = assign_on_cluster(engine.get(), s, asg, [i for i in db_ids if i in sizes],
+                                          todo, cb.n_candidates)["assigned"]
+            else:
+                n_new = assign_all(todo, reader, sizes, cb, asg) if todo else 0
             present = [i for i in db_ids if i in asg]
             asg.set_meta({**asg.meta, "count": len(asg)})
 
@@ -258,10 +269,13 @@ def build_index(settings: Settings) -> StepResult:
                 def finish(folder: Path) -> None:
                     write_signatures(folder, asg, present, int(expected["asmk_bits"]), cb.k,
                                      s.weighting if s.asmk_weighting == "bow" else None)
-            inv = InvertedFile.build(out_dir / "index", vectors(), cb.k, present, meta,
-                                     idf=s.idf, finish=finish)
+            if engine.enabled and present:
+                inv = _index_on_cluster(engine.get(), s, asg, present, cb.k, meta, finish)
+            else:
+                inv = InvertedFile.build(out_dir / "index", vectors(), cb.k, present, meta,
+                                         idf=s.idf, finish=finish)
         finally:
-            asg.close()
+            stack.close()
     lines = []
     if s.stream_distractors:
         lines.append(f"C: {streamed['streamed']} distractors streamed (extracted + assigned, "
@@ -277,6 +291,29 @@ def build_index(settings: Settings) -> StepResult:
               "streamed_corrupt": streamed["corrupt"], "indexed": inv.n_docs, "words": cb.k}
     return StepResult("C", "\n".join(lines), (apath, out_dir / "index"), counts,
                       time.perf_counter() - t0)
+
+
+def _index_on_cluster(engine: Any, s: Any, asg: AssignmentStore, present: list[str],
+                      n_words: int, meta: dict[str, Any], finish: Any) -> Any:
+    """The inverted file from partitions the workers build (one per shard), merged here
+    with the merge of :meth:`InvertedFile.build`: the same files."""
+    from lib.cluster.shards import partitions_on_cluster
+    from lib.index.inverted_file import merge_partitions
+
+    out_dir = Path(s.path_output)
+    asg.env.sync(True)  # the workers read the committed store from the shared filesystem
+    parts, _ = partitions_on_cluster(engine, s, asg.path, present, n_words,
+                                     out_dir / ".index.parts")
+    try:
+        t0 = time.perf_counter()
+        inv = merge_partitions(parts, out_dir / "index", present, meta, idf=s.idf,
+                               finish=finish)
+        dt = time.perf_counter() - t0
+        log.info("C: %d partitions merged in %.2f s", len(parts), dt,
+                 extra={"cluster_timing": {"what": "C: index merge", "merge_s": dt}})
+        return inv
+    finally:
+        shutil.rmtree(out_dir / ".index.parts", ignore_errors=True)
 
 
 def _tune(s: Any, cb: Codebook, asg: AssignmentStore, reader: Any,
@@ -297,7 +334,7 @@ def _tune(s: Any, cb: Codebook, asg: AssignmentStore, reader: Any,
 
 
 def _stream(s: Any, pca: Any, cb: Codebook, asg: AssignmentStore, db_ids: list[str],
-            sizes: dict[str, tuple[int, int]]) -> dict[str, Any]:
+            sizes: dict[str, tuple[int, int]], engine: Any = None) -> dict[str, Any]:
     """stream_distractors: the distractors without stored features go through the
     network and the codebook in one pass (lib/index/streaming.py); only word maps are kept."""
     from lib.groundtruth.loader import DISTRACTOR_PREFIX
@@ -306,7 +343,12 @@ def _stream(s: Any, pca: Any, cb: Codebook, asg: AssignmentStore, db_ids: list[s
     ids = [i for i in db_ids if i.startswith(DISTRACTOR_PREFIX) and i not in sizes]
     if not ids:
         return {"streamed": 0, "corrupt": 0}
-    r = stream_assignments(s, ids, pca, cb, asg)
+    if engine is not None and engine.enabled:
+        from lib.cluster.shards import stream_on_cluster
+
+        r = stream_on_cluster(engine.get(), s, ids, pca, cb, asg)
+    else:
+        r = stream_assignments(s, ids, pca, cb, asg)
     log.info("streamed %d distractors at %.1f images/s on %s (%d already assigned)",
              r["streamed"], r["images_per_s"], r["device"], r["skipped"])
     return r

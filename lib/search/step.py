@@ -187,7 +187,7 @@ def bow_rankings(settings: Any, gt: Any, out_dir: Any, progress: Any = None) -> 
         stage = {"encode": 0.0, "vector": 0.0, "asmk": 0.0, "search": 0.0, "rerank": 0.0, "qe": 0.0}
         t_start = time.perf_counter()
         queries = gt.queries if progress is None else progress(
-            gt.queries, desc="queries", unit="q", disable=None)
+            gt.queries, desc="queries", unit="q", disable=None, leave=False)
         for qi, q in enumerate(queries):
             eq = encoder.encode(q)
             r = searcher.rank(eq)

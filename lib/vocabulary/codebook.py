@@ -8,6 +8,12 @@ deterministically (sorted segment sums accumulated in float64), so a fixed seed 
 the same codebook bit for bit on the CPU. Initialisation is FAISS's and VLFeat's
 ``random``: ``k`` distinct training points drawn with the seed. Empty clusters are
 re-seeded by splitting the largest one (FAISS's rule, made deterministic).
+
+Why a tolerance: on small or easy sets the objective stops moving long before the
+iteration cap, and every further iteration costs as much as the first. The loop stops
+once an iteration lowers the objective by less than ``tol`` of its previous value; the
+test compares two numbers the loop computes anyway, in a fixed order, so the same seed
+still stops at the same iteration and gives the same codebook.
 """
 
 from __future__ import annotations
@@ -309,19 +315,32 @@ class KMeansResult:
     device: str
     empty_clusters_split: int
     n_train: int
-    niter: int
+    niter: int  # iterations run
+    stop: str = "max_iter"  # "converged" (tolerance reached) or "max_iter"
+
+
+def converged(previous: float, objective: float, tol: float) -> bool:
+    """Whether an iteration that took the objective from ``previous`` to ``objective``
+    lowered it by less than ``tol`` of ``previous`` (an increase counts as converged:
+    only the approximate search can cause one, and it means no further progress)."""
+    if tol <= 0 or not np.isfinite(previous):
+        return False
+    return previous - objective < tol * abs(previous)
 
 
 def train_kmeans(x: np.ndarray, k: int, niter: int, seed: int, mode: str = "exact",
-                 device: str = "auto") -> KMeansResult:
+                 device: str = "auto", tol: float = 0.0) -> KMeansResult:
     """Lloyd's k-means on the rows of ``x``: (k, D) float32 centroids and statistics.
 
     ``mode='exact'``: brute-force assignment (FAISS ``IndexFlatL2`` on the CPU; on CUDA
     FAISS-GPU when installed, else a torch tf32 matrix product). ``'approximate'``: the
     PQ fast-scan shortlist of :data:`KMEANS_CANDIDATES` words re-ranked exactly, rebuilt
     over the current centroids every iteration (CPU), and a point keeps its previous
-    word when the shortlist found nothing closer. Progress
-    and ETA go to a tqdm bar; the final objective is logged and returned."""
+    word when the shortlist found nothing closer. At most ``niter`` iterations; with
+    ``tol > 0`` the loop stops earlier once an iteration lowers the objective by less
+    than ``tol`` of its previous value (:func:`converged`). Progress, ETA and the
+    objective go to a tqdm bar, each iteration to the debug log; the final objective is
+    logged and returned."""
     if mode not in MODES:
         raise UserError(f"kmeans mode '{mode}': expected one of {', '.join(MODES)}")
     if x.ndim != 2:
@@ -339,9 +358,12 @@ def train_kmeans(x: np.ndarray, k: int, niter: int, seed: int, mode: str = "exac
     t0 = time.perf_counter()
     objective = float("nan")
     n_split = 0
-    bar = tqdm(total=niter * n, unit="feat", unit_scale=True, desc=f"k-means {mode} k={k}",
-               mininterval=2.0, disable=None)
+    stop = "max_iter"
+    done = 0
+    bar = tqdm(total=niter * n, unit="feat", unit_scale=True, desc=f"B k-means k={k}",
+               mininterval=1.0, disable=None, leave=False)
     prev: np.ndarray | None = None
+    previous = float("nan")  # the objective of the iteration before
     gpu_step = _torch_lloyd_step(x, k, bar) if dev == "cuda" and _faiss_gpus() == 0 else None
     try:
         for it in range(niter):
@@ -359,16 +381,22 @@ def train_kmeans(x: np.ndarray, k: int, niter: int, seed: int, mode: str = "exac
             cent = cent.copy()
             cent[nz] = (sums[nz] / counts[nz, None]).astype(np.float32)
             n_split += _split_empty(cent, counts)
-            bar.set_postfix(it=it + 1, obj=f"{objective:.5g}")
+            done = it + 1
+            bar.set_postfix(it=f"{done}/{niter}", obj=f"{objective:.6g}")
             el = time.perf_counter() - t0
-            log.info("k-means iteration %d/%d: objective %.6g, %.1f s elapsed, about %.0f s "
-                     "left", it + 1, niter, objective, el, el / (it + 1) * (niter - it - 1))
+            log.debug("k-means iteration %d/%d: objective %.6g, %.1f s elapsed", done, niter,
+                      objective, el)
+            if converged(previous, objective, tol):
+                stop = "converged"
+                break
+            previous = objective
     finally:
         bar.close()
     secs = time.perf_counter() - t0
-    log.info("k-means %s (%s): %d x %d -> %d words, %d iterations in %.1f s, objective %.6g",
-             mode, dev, n, dim, k, niter, secs, objective)
-    return KMeansResult(cent, objective, round(secs, 2), dev, int(n_split), int(n), int(niter))
+    log.info("k-means %s (%s): %d x %d -> %d words, %d iterations (%s) in %.1f s, "
+             "objective %.6g", mode, dev, n, dim, k, done, stop, secs, objective)
+    return KMeansResult(cent, objective, round(secs, 2), dev, int(n_split), int(n), int(done),
+                        stop)
 
 
 def kmeans_objective(x: np.ndarray, centroids: np.ndarray) -> float:

@@ -8,8 +8,10 @@ fit, else a seeded per-image sample), at the native map size (``train_on = nativ
 original) or upsampled to ``new_dim`` (``train_on = upsampled``).
 
 Work: L2 -> fit PCA-whitening (pca_dim, whiten) -> L2 -> k-means with n_centers words
-(``kmeans``: exact FAISS Lloyd, on CUDA when present, or approximate: a PQ fast-scan
-shortlist re-ranked exactly), kmeans_iter iterations, seed ``seed``. TRAIN_PCA /
+(``auto``: :func:`lib.vocabulary.sizing.auto_centers` of the sample) (``kmeans``: exact
+FAISS Lloyd, on CUDA when present, or approximate: a PQ fast-scan shortlist re-ranked
+exactly), at most kmeans_iter iterations (fewer once an iteration improves the objective
+by less than kmeans_tol), seed ``seed``. TRAIN_PCA /
 TRAIN_CENTROIDS false reuse the existing file in ``path_models`` after checking it
 against the settings.
 
@@ -47,6 +49,7 @@ from lib.provenance import (
 from lib.settings import Settings
 from lib.vocabulary.codebook import Codebook, train_kmeans
 from lib.vocabulary.pca import PCAWhitening
+from lib.vocabulary.sizing import auto_centers, resolve_from_codebook, too_many_centers
 
 log = logging.getLogger("blcf.B")
 _CHUNK = 65536
@@ -70,8 +73,8 @@ def sample_features(reader: Any, ids: list[str], n_samples: int, max_images: int
     buf: np.ndarray | None = None
     filled = 0
     used: list[str] = []
-    for i in tqdm(chosen, desc="reading training features", unit="img", mininterval=2.0,
-                  disable=None):
+    for i in tqdm(chosen, desc="B reading training features", unit="img", mininterval=1.0,
+                  disable=None, leave=False):
         f = np.asarray(reader.features(ids[i]), np.float32)
         if f.shape[0] > quota:
             pick = np.random.default_rng([seed, int(i)]).choice(f.shape[0], quota, replace=False)
@@ -100,14 +103,13 @@ def validate_training(s: Settings) -> None:
     from lib.vocabulary.codebook import MODES
 
     for key in ("pca_dim", "n_centers", "n_samples", "max_train_images", "kmeans_iter"):
-        if int(s[key]) < 1:
+        if s[key] != "auto" and int(s[key]) < 1:
             raise UserError(f"{s.source}: key '{key}': {s[key]} must be >= 1")
     if s.kmeans not in MODES:
         raise UserError(f"{s.source}: key 'kmeans': '{s.kmeans}' is not one of "
                         f"{', '.join(MODES)}")
-    if s.TRAIN_CENTROIDS and s.n_centers > s.n_samples:
-        raise UserError(f"{s.source}: key 'n_centers': {s.n_centers} words need at least as "
-                        f"many training features, but n_samples is {s.n_samples}")
+    if s.TRAIN_CENTROIDS and s.n_centers != "auto" and s.n_centers > s.n_samples:
+        raise too_many_centers(s, s.n_samples, "n_samples is")
 
 
 def _check_sample(s: Settings, x: np.ndarray, pca: PCAWhitening | None,
@@ -125,9 +127,8 @@ def _check_sample(s: Settings, x: np.ndarray, pca: PCAWhitening | None,
     elif pca.dim_in != dim:
         raise UserError(f"{s.path_models}: the PCA expects {pca.dim_in}-D features but the "
                         f"feature store holds {dim}-D ones; {HINT}")
-    if cb is None and s.n_centers > n:
-        raise UserError(f"{s.source}: key 'n_centers': {s.n_centers} words need at least "
-                        f"as many training features, but the sample has {n}")
+    if cb is None and s.n_centers != "auto" and s.n_centers > n:
+        raise too_many_centers(s, n, "the sample has")
 
 
 def train_models(settings: Settings) -> StepResult:
@@ -140,9 +141,14 @@ def train_models(settings: Settings) -> StepResult:
     s = settings
     t0 = time.perf_counter()
     validate_training(s)
+    auto = s.n_centers == "auto"
+    if auto and not s.TRAIN_CENTROIDS:  # a reused codebook: the size it was trained with
+        s = resolve_from_codebook(s)
     p_pca, p_cb = models_paths(s)
     prov = expected_provenance(s)
-    fields = training_fields(s)
+    # with "auto" the size is known only once the sample is drawn; the PCA's fields and
+    # the checks before sampling do not involve it
+    fields = training_fields(s.replace(n_centers=1) if s.n_centers == "auto" else s)
     pca: PCAWhitening | None = None
     cb: Codebook | None = None
 
@@ -151,7 +157,7 @@ def train_models(settings: Settings) -> StepResult:
 
     if not s.TRAIN_PCA:
         pca = PCAWhitening.load(p_pca)
-        check_pca(pca, p_pca, s, prov)
+        check_pca(pca, p_pca, s.replace(n_centers=1) if s.n_centers == "auto" else s, prov)
     if not s.TRAIN_CENTROIDS:
         cb = Codebook.load(p_cb)
         if pca is not None:
@@ -186,6 +192,10 @@ def train_models(settings: Settings) -> StepResult:
     x, used = sample_features(reader, ids, s.n_samples, s.max_train_images, s.seed)
     log.info("training sample: %d features from %d images of %s", len(x), len(used),
              store_path)
+    if s.n_centers == "auto":
+        s = s.replace(n_centers=auto_centers(len(x)))
+        fields = training_fields(s)
+        log.info("n_centers auto: %d words for %d training features", s.n_centers, len(x))
     common = {
         "provenance": store.meta.get("provenance", prov), **fields,
         "seed": s.seed, "train_store": str(store_path), "dataset": s.dataset,
@@ -216,13 +226,17 @@ def train_models(settings: Settings) -> StepResult:
             y = pca.transform(x)
         if s.l2norm:
             _l2_rows(y)
-        km = train_kmeans(y, s.n_centers, s.kmeans_iter, s.seed, s.kmeans, s.device)
+        km = train_kmeans(y, s.n_centers, s.kmeans_iter, s.seed, s.kmeans, s.device,
+                          tol=s.kmeans_tol)
         cb = Codebook(km.centroids)
         cb.save(p_cb, {**common, "pca_hash": pca.content_hash(), "kmeans": s.kmeans,
-                       "kmeans_iter": s.kmeans_iter, "kmeans_objective": km.objective,
+                       "n_centers_setting": "auto" if auto else s.n_centers,
+                       "kmeans_iter": s.kmeans_iter, "kmeans_tol": s.kmeans_tol,
+                       "kmeans_iterations_run": km.niter, "kmeans_stop": km.stop,
+                       "kmeans_objective": km.objective,
                        "kmeans_seconds": km.seconds, "kmeans_device": km.device})
     return result(f"B: {len(x)} features from {len(used)} images -> PCA {pca.dim_in}->"
-                  f"{pca.dim_out} ({'whitened' if pca.whiten else 'plain'}) + {cb.k} words "
-                  f"({s.kmeans}) in {time.perf_counter() - t0:.1f} s -> {p_pca.parent}",
+                  f"{pca.dim_out} + {cb.k} words{' (auto)' if auto else ''}, {km.niter} "
+                  f"k-means iterations ({km.stop}) in {time.perf_counter() - t0:.1f} s",
                   features=len(x), images=len(used), words=cb.k, pca_fitted=pca_fitted,
-                  codebook_fitted=True)
+                  codebook_fitted=True, kmeans_iterations=km.niter, kmeans_stop=km.stop)
