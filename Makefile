@@ -30,8 +30,8 @@ test-all: venv lint
 	$(BIN)/python -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
 
 demo: venv
-	$(BIN)/python datasets/demo.py --out data/demo
-	$(BIN)/python bow_pipeline/run_all.py settings/demo.json
+	@$(BIN)/python datasets/demo.py --out data/demo
+	@$(BIN)/python bow_pipeline/run_all.py settings/demo.json
 
 run: venv
 	$(BIN)/python bow_pipeline/run_all.py $(SETTINGS)

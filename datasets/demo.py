@@ -279,7 +279,7 @@ def generate(out: Path, seed: int = 0, n_objects: int = 30, views_per_object: in
         raise UserError(f"demo: image_size {list(image_size)} is too small (min side 64)")
     params = _params(seed, n_objects, views_per_object, n_distractors, tuple(image_size))
     if is_complete(out, params):
-        log.info("%s already holds the demo set for these parameters", out)
+        log.debug("%s already holds the demo set for these parameters", out)
         return out / GT_FILE
     if out.exists() and (not out.is_dir() or (any(out.iterdir())
                                               and not (out / PARAMS_FILE).exists())):
@@ -344,7 +344,7 @@ def generate(out: Path, seed: int = 0, n_objects: int = 30, views_per_object: in
         (tmp / PARAMS_FILE).write_text(json.dumps(
             {"params": params, "junk_rule": rules, "images": info}, indent=1, sort_keys=True)
             + "\n", encoding="utf-8")
-    log.info("demo set written to %s in %.1f s", out, time.perf_counter() - t0)
+    log.debug("demo set written to %s in %.1f s", out, time.perf_counter() - t0)
     return out / GT_FILE
 
 
