@@ -169,6 +169,10 @@ SCHEMA: tuple[Key, ...] = (
         choices=("uniform", "bow")),
     Key("query_ma", "int", 5, "asmk: words per query feature (multiple assignment)", "D"),
     Key("asmk_alpha", "float", 3.0, "asmk: selectivity exponent alpha of sim**alpha", "D"),
+    Key("asmk_sigma", "str", "asmk", "asmk: selectivity function of the Hamming similarity "
+        "u: asmk (the reference: u**alpha) or shifted (((1 + u) / 2)**alpha, in [0, 1]: a "
+        "dissimilar pair never subtracts; alpha 0 with asmk_tau -1 is the plain word match)",
+        "D", choices=("asmk", "shifted")),
     Key("asmk_tau", "float", 0.0, "asmk: similarity threshold tau (word pairs below it "
         "count 0)", "D", min=-1, max=1),
     Key("stream_distractors", "bool", False, "extract + assign the distractors in one pass "

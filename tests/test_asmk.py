@@ -330,3 +330,75 @@ def test_bad_inputs() -> None:
         aggregate(HAND_Q[0], np.array([0, 2]), HAND_C)  # word 2 of a 2-word codebook
     with pytest.raises(ValueError):
         aggregate(HAND_Q[0], HAND_Q[1], HAND_C, n_bits=5)
+
+
+# --------------------------------------------------------------------------- sigma = shifted
+
+def test_shifted_kernel_table_by_hand() -> None:
+    """((1 + sim) / 2) ** alpha = (1 - h / B) ** alpha: B = 32, h = 0, 8, 16, 24, 32 give
+    sim 1, 0.5, 0, -0.5, -1 and shifted 1, 0.75, 0.5, 0.25, 0."""
+    t = kernel_table(32, alpha=1.0, tau=-1.0, sigma="shifted")
+    np.testing.assert_array_equal(t[[0, 8, 16, 24, 32]], [1.0, 0.75, 0.5, 0.25, 0.0])
+    t = kernel_table(32, alpha=2.0, tau=-1.0, sigma="shifted")
+    np.testing.assert_array_equal(t[[0, 8, 16, 24, 32]], [1.0, 0.5625, 0.25, 0.0625, 0.0])
+    # tau keeps its meaning: pairs below it count 0 (sim 0 >= 0 is kept)
+    t = kernel_table(32, alpha=1.0, tau=0.0, sigma="shifted")
+    assert t[16] == 0.5 and not t[17:].any()
+    with pytest.raises(ValueError, match="sigma"):
+        kernel_table(32, sigma="linear")
+
+
+@pytest.mark.parametrize("alpha", [0.25, 0.5, 1.0, 3.0])
+@pytest.mark.parametrize("n_bits", [20, 128])
+def test_shifted_is_monotone_and_never_negative(alpha: float, n_bits: int) -> None:
+    t = kernel_table(n_bits, alpha=alpha, tau=-1.0, sigma="shifted")
+    assert t[0] == 1.0 and (t >= 0).all() and (t <= 1).all()
+    assert (np.diff(t) <= 0).all()  # more differing bits, never a larger value
+    with np.errstate(invalid="ignore"):  # sim ** alpha: negative or NaN below 0
+        ref = kernel_table(n_bits, alpha=alpha, tau=-1.0)
+    assert np.isnan(ref).any() or (ref < 0).any()
+
+
+def test_shifted_with_alpha_zero_is_the_weighted_word_match() -> None:
+    """sigma = shifted, alpha 0, tau -1: every shared word counts 1, whatever the
+    signatures: the scores are exactly sum_w a_q(w) a_d(w), i.e. the BoW dot product of
+    the word weights (with asmk_weighting = bow, the paper's cosine)."""
+    rng = np.random.default_rng(3)
+    n_words, n_docs, n_bytes = 50, 12, 16
+    images, dense = [], np.zeros((n_docs, n_words))
+    for d in range(n_docs):
+        w = np.sort(rng.choice(n_words, size=int(rng.integers(1, 20)), replace=False))
+        images.append((w.astype(np.int32), rng.integers(0, 256, (w.size, n_bytes), np.uint8)))
+        v = rng.random(w.size)
+        dense[d, w] = v / np.linalg.norm(v)
+    offsets, docs, sigs, _ = build_postings(images, n_words)
+    words_of = np.repeat(np.arange(n_words), np.diff(offsets))
+    weights = dense[docs.astype(np.int64), words_of].astype(np.float32)
+    qw = np.sort(rng.choice(n_words, size=15, replace=False))
+    qs = rng.integers(0, 256, (qw.size, n_bytes), np.uint8)
+    qv = rng.random(qw.size)
+    qv /= np.linalg.norm(qv)
+    got = score_postings(qw, qs, offsets, docs, sigs, weights, n_docs, alpha=0.0, tau=-1.0,
+                         per_doc=False, query_weights=qv, sigma="shifted")
+    want = dense.astype(np.float32).astype(np.float64)[:, qw] @ qv
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    # and the same as the reference sigma with alpha 0, tau -1 (sim ** 0 = 1)
+    ref = score_postings(qw, qs, offsets, docs, sigs, weights, n_docs, alpha=0.0, tau=-1.0,
+                         per_doc=False, query_weights=qv)
+    np.testing.assert_array_equal(got, ref)
+    # alpha > 0: every term shrinks by (1 - h / B) ** alpha, so no score grows, none < 0
+    sh = score_postings(qw, qs, offsets, docs, sigs, weights, n_docs, alpha=1.0, tau=-1.0,
+                        per_doc=False, query_weights=qv, sigma="shifted")
+    assert (sh >= 0).all() and (sh <= got + 1e-7).all()
+
+
+def test_shifted_hand_made_scores() -> None:
+    """The hand-made index with sigma = shifted, alpha 1, tau -1 (n_bits 4, B = 32):
+    doc 0 shares word 0 (h 0: 1) and word 1 (h 1: 31/32); doc 1 word 0 (1010 vs 1100,
+    h 2: 30/32); doc 2 word 1 (1111 vs 0001, h 3: 29/32); uniform weights."""
+    (offsets, docs, sigs, weights), (qw, qs) = _hand_index()
+    s = score_postings(qw, qs, offsets, docs, sigs, weights, 3, alpha=1.0, tau=-1.0,
+                       n_bits=4, sigma="shifted")
+    q = 1 / math.sqrt(2)
+    np.testing.assert_allclose(s, [q * (1 + 31 / 32) / math.sqrt(2), q * 30 / 32,
+                                   q * 29 / 32], rtol=1e-6)

@@ -23,7 +23,10 @@ Semantics (those of the reference):
   1 (``sim >= 1 - 2 * n_bits / B``).
 * Selectivity: ``sigma(sim) = sim ** alpha`` if ``sim >= tau`` else 0 (a plain power: a
   negative ``sim``, kept when ``tau < 0``, gives a negative term for odd integer ``alpha``
-  and NaN for a fractional one, as in the reference).
+  and NaN for a fractional one, as in the reference). Not the reference: ``sigma =
+  "shifted"`` takes ``((1 + sim) / 2) ** alpha`` instead (the share of agreeing bits,
+  in [0, 1], never negative, increasing in ``sim``; ``alpha = 0`` with ``tau = -1`` is
+  ``sigma = 1``, the plain word match), with the same threshold ``tau``.
 * Score: ``score(q, d) = 1/sqrt(n_q) * 1/sqrt(n_d) * sum over the words w shared by q and d
   of sigma(sim_w)``, ``n_q`` = aggregated query words (words absent from the index
   included), ``n_d`` = distinct words of image ``d``. An empty query scores 0 everywhere
@@ -56,6 +59,7 @@ import numpy as np
 DEFAULT_QUERY_MA = 5  # query multiple assignment (the reference's HOW setting)
 DEFAULT_ALPHA = 3.0
 DEFAULT_TAU = 0.0
+SIGMAS = ("asmk", "shifted")  # selectivity functions (:func:`kernel_table`)
 # Postings whose signatures are gathered and XOR-ed at once while scoring: bounds the
 # temporary copies (two of B/8 bytes per posting) for queries that touch many postings.
 SCORE_BLOCK = 1 << 18
@@ -115,19 +119,26 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def kernel_table(n_bits: int, alpha: float = DEFAULT_ALPHA,
-                 tau: float = DEFAULT_TAU) -> np.ndarray:
+                 tau: float = DEFAULT_TAU, sigma: str = "asmk") -> np.ndarray:
     """``sigma(sim(h))`` for every Hamming distance ``h`` in [0, B]: float32 (B + 1,).
 
     Why a table: ``h`` takes only B + 1 values, so scoring looks the kernel up instead of
     thresholding and raising every posting's similarity to ``alpha``. Computed in float32
     exactly as the reference does (``h / B`` in float32, ``-2 * . + 1``, ``sim >= tau``,
-    ``np.power``), so the same postings pass the threshold and get the same value."""
+    ``np.power``), so the same postings pass the threshold and get the same value.
+
+    ``sigma``: ``asmk`` (the reference, ``sim ** alpha``) or ``shifted``
+    (``((1 + sim) / 2) ** alpha``: in [0, 1], so a dissimilar pair never subtracts;
+    ``alpha = 0`` gives exactly 1 wherever ``sim >= tau``)."""
+    if sigma not in SIGMAS:
+        raise ValueError(f"sigma = {sigma!r}: must be one of {', '.join(SIGMAS)}")
     b = packed_bits(n_bits)
     hd = np.arange(b + 1).astype(np.float32) / np.float32(b)
     sim = np.float32(-2) * hd + np.float32(1)
     keep = sim >= float(tau)
     out = np.zeros(b + 1, np.float32)
-    out[keep] = np.power(sim[keep], np.float32(alpha))
+    base = sim if sigma == "asmk" else (np.float32(1) + sim) / np.float32(2)
+    out[keep] = np.power(base[keep], np.float32(alpha))
     return out
 
 
@@ -287,7 +298,8 @@ def score_postings(query_words: np.ndarray, query_sigs: np.ndarray, offsets: np.
                    docs: np.ndarray, sigs: np.ndarray, weights: np.ndarray, n_docs: int,
                    alpha: float = DEFAULT_ALPHA, tau: float = DEFAULT_TAU,
                    n_bits: int | None = None, *, per_doc: bool | None = None,
-                   query_weights: np.ndarray | None = None) -> np.ndarray:
+                   query_weights: np.ndarray | None = None,
+                   sigma: str = "asmk") -> np.ndarray:
     """ASMK scores (float32 (n_docs,)) of one aggregated query against the postings.
 
     ``query_words``/``query_sigs``: :func:`aggregate`'s output for the query (unique
@@ -296,7 +308,8 @@ def score_postings(query_words: np.ndarray, query_sigs: np.ndarray, offsets: np.
     ``n_bits``: the signatures' bits (default: 8 * their bytes); it sets ``B``.
     ``query_weights``: one weight per query word instead of the reference's uniform
     1/sqrt(n_q) (a weighted kernel: BLCF's word weights on both sides, see the
-    ``asmk_weighting`` setting).
+    ``asmk_weighting`` setting). ``sigma``: the selectivity function
+    (:func:`kernel_table`; ``asmk``, the reference, or ``shifted``).
 
     Vectorised: one index array gathers every posting run ``offsets[w]:offsets[w+1]`` of
     the query's words (``np.repeat`` of the run starts + ``arange``), the query signature
@@ -325,7 +338,7 @@ def score_postings(query_words: np.ndarray, query_sigs: np.ndarray, offsets: np.
         per_doc = wts.size == n_docs
     if wts.size != (n_docs if per_doc else docs.size):
         raise ValueError(f"{wts.size} weights for {n_docs} docs / {docs.size} postings")
-    table = kernel_table(n_bits, alpha, tau).astype(np.float64)
+    table = kernel_table(n_bits, alpha, tau, sigma).astype(np.float64)
     qwt = None
     if query_weights is not None:
         qwt = np.asarray(query_weights, np.float64).ravel()

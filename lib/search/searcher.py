@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from lib.errors import SettingsError
+from lib.errors import SettingsError, UserError
 from lib.index.bow import SparseVec
 from lib.index.encoding import database_vector
 from lib.search import expansion
@@ -151,10 +151,28 @@ class BowSearcher:
             return self.index.search(eq.vector)
         if eq.asmk is None:
             raise ValueError("kernel asmk: the query was encoded without signatures")
-        s = self.index.asmk_scores(eq.asmk[0], eq.asmk[1], float(self.s["asmk_alpha"]),
-                                   float(self.s["asmk_tau"]),
-                                   int(self.index.meta["asmk_bits"]), eq.asmk[2])
+        s = self._asmk_scores(eq.asmk[0], eq.asmk[1], eq.asmk[2])
         return rank_scores(s), s
+
+    def _asmk_scores(self, words: np.ndarray, signatures: np.ndarray,
+                     weights: np.ndarray | None) -> np.ndarray:
+        """The kernel's scores (database order) of one aggregated query against the
+        index's signatures, with the settings' selectivity (``asmk_sigma``, ``asmk_alpha``,
+        ``asmk_tau``); ``weights``: the query's word weights (``asmk_weighting = bow``)."""
+        alpha, tau = float(self.s["asmk_alpha"]), float(self.s["asmk_tau"])
+        bits = int(self.index.meta["asmk_bits"])
+        sigma = str(self.s["asmk_sigma"])
+        if sigma == "asmk":  # the reference kernel: the index's own scorer
+            return self.index.asmk_scores(words, signatures, alpha, tau, bits, weights)
+        from lib.index.asmk import score_postings
+        ix = self.index
+        if (ix.asmk_signatures is None or ix.asmk_weights is None
+                or ix.asmk_offsets is None or ix.asmk_docs is None):
+            raise UserError(f"{ix.path}: this index has no ASMK signatures (built with "
+                            "kernel = bow); rerun step C with kernel = asmk")
+        return score_postings(words, signatures, ix.asmk_offsets, ix.asmk_docs,
+                              ix.asmk_signatures, ix.asmk_weights, ix.n_docs, alpha, tau,
+                              bits, per_doc=False, query_weights=weights, sigma=sigma)
 
     def _asmk_expand(self, first: np.ndarray, tops: list[int]
                      ) -> tuple[np.ndarray, np.ndarray]:
@@ -163,7 +181,6 @@ class BowSearcher:
         linear kernel, the average query; ASMK has no window signatures, so GQE and LQE
         both expand with whole images)."""
         total = np.asarray(first, np.float64).copy()
-        bits = int(self.index.meta["asmk_bits"])
         for i in tops:
             sig = self.store.get_signature(self.db_ids[i])
             if sig is None:
@@ -175,8 +192,7 @@ class BowSearcher:
                 at = np.minimum(np.searchsorted(idx, uw), max(idx.size - 1, 0))
                 weights = np.where(idx[at] == uw, val[at], 0.0) if idx.size else \
                     np.zeros(uw.size)
-            total += self.index.asmk_scores(uw, sg, float(self.s["asmk_alpha"]),
-                                            float(self.s["asmk_tau"]), bits, weights)
+            total += self._asmk_scores(uw, sg, weights)
         s = (total / (1 + len(tops))).astype(np.float32)
         return rank_scores(s), s
 
