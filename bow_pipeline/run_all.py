@@ -7,9 +7,9 @@ editing the settings file meanwhile reaches no step. A step is skipped when
 ``<path_output>/run_state.json`` says it finished with the same settings and input files
 (for everything that affects it) and its outputs exist; after a step has run, every later
 step runs too.
-Prints per step a start line, the step's one-line summary and a done line, then the
-final mAP; warnings and progress bars show, the steps' INFO logs and third-party
-loader messages only with -v. Details: lib/pipeline.py.
+Prints one line per step (``[i/5]`` and the step's summary, with its wall time), then
+the final mAP; while a step runs, its progress bar shows; warnings show, the steps'
+INFO logs and third-party loader messages only with -v. Details: lib/pipeline.py.
 """
 
 from __future__ import annotations

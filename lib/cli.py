@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lib.errors import UserError
+from lib.errors import UserError, storage_error
 
 if TYPE_CHECKING:
     from lib.pipeline import StepResult
@@ -147,6 +147,12 @@ def run_main(body: Callable[[], int | None], step: str) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except OSError as e:  # a full disk, a read-only folder: the machine, not our code
+        err = storage_error(e)
+        if err is None:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
     except KeyboardInterrupt:
         print(f"\ninterrupted: step {step} stopped; work done so far is kept, "
               "rerun the same command to resume", file=sys.stderr)

@@ -32,3 +32,68 @@ class LockedError(UserError):
     """Another run holds the lock on the output folder."""
 
     exit_code = 3
+
+
+# ------------------------------------------------------------------ the machine's storage
+
+# errno values that say something about the folder or the disk, not about our code: a
+# full disk or quota, a read-only file system, missing permissions
+_STORAGE_ERRNOS = {"ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM"}
+LOW_SPACE = 64 << 20  # below this a failed write is taken for a full disk
+
+
+def _free_bytes(path: str) -> int | None:
+    import shutil
+    from pathlib import Path
+
+    p = Path(path)
+    for folder in (p, *p.parents):
+        try:
+            return shutil.disk_usage(folder).free
+        except OSError:
+            continue
+    return None
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} bytes"
+
+
+def storage_error(e: OSError) -> UserError | None:
+    """The one-line error for an ``OSError`` caused by the machine's storage (full disk,
+    read-only file system, permissions), naming the path; None for any other OSError,
+    which stays a bug to report with its trace. Writes are atomic and LMDB commits whole
+    batches, so what was finished before the error is kept and a rerun resumes."""
+    import errno
+
+    name = errno.errorcode.get(e.errno or 0, "")
+    if name not in _STORAGE_ERRNOS:
+        return None
+    path = e.filename or "?"
+    if name in ("ENOSPC", "EDQUOT"):
+        free = _free_bytes(str(path))
+        left = f" ({_size(free)} free)" if free is not None else ""
+        return UserError(f"{path}: no space left on the disk{left}; free some space and rerun "
+                         "the same command (finished work is kept and the step resumes)")
+    if name == "EROFS":
+        return UserError(f"{path}: the file system is read-only; point path_output (or "
+                         "path_features / path_models) at a writable folder")
+    return UserError(f"{path}: permission denied ({e.strerror}); make the folder writable "
+                     "or point path_output at another one")
+
+
+def store_write_error(path: str, what: str, e: Exception) -> UserError:
+    """The one-line error for an LMDB write that failed (LMDB reports a full disk as an
+    I/O error at commit): says "disk full" when little space is left where the store
+    lives, else names the error."""
+    free = _free_bytes(path)
+    if free is not None and free < LOW_SPACE:
+        return UserError(f"{path}: cannot write the {what}: the disk is full ({_size(free)} "
+                         "free); free some space and rerun the same command (finished work "
+                         "is kept and the step resumes)")
+    return UserError(f"{path}: cannot write the {what} ({e}); check the disk, then rerun "
+                     "the same command to resume")

@@ -251,19 +251,25 @@ def _run_all(s: Settings, arguments: Sequence[str], force: Sequence[str],
             print(f"[{i}/5] {step.key} {step.title}: up to date, skipped", flush=True)
             skipped.append(step.key)
             continue
-        print(f"[{i}/5] {step.key} {step.title}: running", flush=True)
         t0 = time.perf_counter()
         cmd = [sys.executable, str(SCRIPTS / step.script), str(s.source), *arguments,
                *snapshot]
-        rc = subprocess.call(cmd, env=child_env, pass_fds=fds)
+        # the step's progress bar and any error go to the terminal (stderr); its summary
+        # (stdout) becomes this step's one line
+        proc = subprocess.run(cmd, env=child_env, pass_fds=fds, stdout=subprocess.PIPE,
+                              text=True)
+        said = "; ".join(line.strip() for line in proc.stdout.splitlines() if line.strip())
+        rc = proc.returncode
         if rc != 0:
+            if said:
+                print(f"[{i}/5] {said}", flush=True)
             raise UserError(f"step {step.key} ({step.script}) failed with exit code {rc}",
                             exit_code=rc if rc in (2, 3, 130) else 1)
         dt = time.perf_counter() - t0
         state[step.key] = {"hash": s.step_hash(step.key), "seconds": round(dt, 1),
                            "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
         write_json_atomic(state_path(s), state)
-        print(f"[{i}/5] {step.key} {step.title}: done in {dt:.1f} s", flush=True)
+        print(f"[{i}/5] {said or f'{step.key} {step.title}: done'} ({dt:.1f} s)", flush=True)
         earlier_ran = True
         ran.append(step.key)
     bow = Path(s.path_output) / "bow"

@@ -34,7 +34,7 @@ def run_all(settings: Path, *extra: str) -> str:
 
 def ran(out: str) -> str:
     """The steps run_all ran (not skipped), e.g. 'ABCDE'."""
-    return "".join(re.findall(r"\[\d/5\] ([A-E]) [^:]+: running", out))
+    return "".join(re.findall(r"\[\d/5\] ([A-E]): ", out))
 
 
 def scores(run: Path) -> np.ndarray:

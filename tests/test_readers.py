@@ -117,6 +117,31 @@ def test_malicious_pickle_is_refused(tmp_path: Path) -> None:
         load_restricted_pickle(f)
 
 
+@pytest.mark.parametrize("opcode, length", [(b"\x8e", 2**40), (b"\x8e", 2**34),
+                                            (b"\x8d", 2**33)])
+def test_pickle_claiming_huge_lengths_is_refused_without_allocating(
+        tmp_path: Path, opcode: bytes, length: int) -> None:
+    """BINBYTES8 / BINUNICODE8 length fields far beyond the file: one line, and no
+    allocation of the claimed size (run under an address-space limit below it)."""
+    import resource
+    import struct
+    import subprocess
+    import sys
+
+    f = tmp_path / "gnd_big.pkl"
+    f.write_bytes(b"\x80\x04" + opcode + struct.pack("<Q", length) + b"abc")
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30));"
+            "from lib.errors import UserError;"
+            "from lib.groundtruth.revisited import load_restricted_pickle\n"
+            "try:\n    load_restricted_pickle(sys.argv[1])\n"
+            "except UserError as e:\n    print(e)")
+    assert resource.RLIMIT_AS is not None
+    out = subprocess.run([sys.executable, "-c", code, str(f)], capture_output=True, text=True,
+                         timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr
+    assert "not a readable ground-truth pickle" in out.stdout and str(length) in out.stdout
+
+
 def test_revisited_bad_index(tmp_path: Path) -> None:
     g = _gnd(False)
     g["gnd"][1]["easy"] = [9]

@@ -57,7 +57,7 @@ import lmdb
 import numpy as np
 
 from lib.artefacts import write_text_atomic
-from lib.errors import UserError
+from lib.errors import UserError, store_write_error
 
 META_KEY = b"__meta__"
 # identity ([size, mtime_ns]) of the image file behind every record, so that step A
@@ -408,7 +408,7 @@ class FeatureStore:
             for k, v in items:
                 txn.put(k, v)
 
-        write_growing(self.env, fill)
+        write_growing(self.env, fill, "feature store")
 
     def sync(self) -> None:
         if not self.readonly:
@@ -493,9 +493,11 @@ def open_env(path: str | os.PathLike, what: str, hint: str, readonly: bool, lock
         raise UserError(f"{path}: cannot open the {what} ({e}); {hint}") from None
 
 
-def write_growing(env: lmdb.Environment, fill: Any) -> None:
+def write_growing(env: lmdb.Environment, fill: Any, what: str = "store") -> None:
     """``fill(txn)`` in one write transaction; when the map is full, the transaction is
-    aborted, the map doubled and ``fill`` run again."""
+    aborted, the map doubled and ``fill`` run again. Any other LMDB failure (a full disk
+    surfaces as an I/O error at commit) aborts the transaction, so the store keeps its
+    earlier batches, and becomes one line naming the store."""
     while True:
         try:
             with env.begin(write=True) as txn:
@@ -503,6 +505,8 @@ def write_growing(env: lmdb.Environment, fill: Any) -> None:
             return
         except lmdb.MapFullError:
             env.set_mapsize(env.info()["map_size"] * 2)
+        except lmdb.Error as e:
+            raise store_write_error(env.path(), what, e) from None
 
 
 def key_problem(image_id: str) -> str | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import pickletools
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,15 @@ def load_restricted_pickle(path: Path) -> Any:
         raise UserError(f"{path}: ground-truth pickle not found")
     data = read_gt_bytes(path, "ground-truth pickle")
     try:
+        # a length field may claim far more bytes than the file holds (BINBYTES8 of a
+        # terabyte): walking the opcodes first checks every one against the data, so
+        # the unpickler never allocates for a claim the file cannot back
+        for _ in pickletools.genops(data):
+            pass
         return RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
+    except MemoryError:
+        raise UserError(f"{path}: not a readable ground-truth pickle (it asks for more "
+                        "memory than this machine has)") from None
     except pickle.UnpicklingError as e:
         raise UserError(f"{path}: refused to load ({e}); only plain containers and numpy "
                         "arrays are accepted") from None

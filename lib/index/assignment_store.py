@@ -199,7 +199,7 @@ class AssignmentStore:
         checked = self.checksummed or len(self) == 0
         blob = json.dumps({**meta, **({CHECKSUM_KEY: CHECKSUM} if checked else {})},
                           sort_keys=True).encode("utf-8")
-        write_growing(self.env, lambda txn: txn.put(META_KEY, blob))
+        write_growing(self.env, lambda txn: txn.put(META_KEY, blob), "assignment store")
         self.meta = meta
         self.checksummed = checked
 
@@ -219,7 +219,7 @@ class AssignmentStore:
             for k, v in values:
                 txn.put(k, v)
 
-        write_growing(self.env, fill)
+        write_growing(self.env, fill, "assignment store")
 
     def _read(self, image_id: str, decoder: Callable[[memoryview, str, bool], Any]) -> Any:
         """One image's record through ``decoder``, inside the read transaction (the
