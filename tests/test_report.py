@@ -533,3 +533,16 @@ def test_renders_in_headless_chromium(setup) -> None:
     assert out["initial"] == ["sub/qb", "qa"]  # worst first
     assert out["by_name"] == ["qa", "sub/qb"] and out["rows_by_name"] == ["qa", "sub/qb"]
     assert out["back"] == ["sub/qb", "qa"]
+
+
+def test_summary_paths_are_relative_to_the_working_folder(tmp_path, monkeypatch):
+    """The summary names the run as the user typed it (no machine path) when it lies
+    under the working folder, and absolutely otherwise."""
+    from lib.evaluation.report import shown_path
+
+    (tmp_path / "runs" / "demo" / "bow").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert shown_path(tmp_path / "runs" / "demo" / "bow") == "runs/demo/bow"
+    assert shown_path("runs/demo/bow") == "runs/demo/bow"
+    outside = tmp_path.parent / "elsewhere"
+    assert shown_path(outside) == str(outside)

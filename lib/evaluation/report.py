@@ -283,12 +283,22 @@ def _settings_rows(settings: Mapping[str, Any]) -> list[tuple[str, str]]:
     return [(k, str(v)) for k, v in sorted(d.items())]
 
 
+def shown_path(path: str | Path) -> str:
+    """``path`` as the summary shows it: relative to the working folder when inside it
+    (the run as the user typed it, e.g. ``runs/demo/bow``), else absolute."""
+    p = Path(path)
+    try:
+        return p.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except (ValueError, OSError):
+        return str(p)
+
+
 def summary_rows(results: Mapping[str, Any], gt: GroundTruth, ranking_dir: Path,
                  n_listed: int, mean_ap: float, modes: Mapping[str, Mapping[str, str]],
                  masking: int | None) -> list[tuple[str, str]]:
     """The summary table: each fact once, under a human label."""
     rows = [("Dataset", gt.name), ("Protocol", gt.protocol),
-            ("Ranking folder", str(ranking_dir)), ("Database images", f"{len(gt.db_ids):,}")]
+            ("Ranking folder", shown_path(ranking_dir)), ("Database images", f"{len(gt.db_ids):,}")]
     n_eval = results.get("n_queries")
     no_pos = list(results.get("queries_without_positives") or [])
     if not isinstance(n_eval, int):
@@ -313,7 +323,8 @@ def summary_rows(results: Mapping[str, Any], gt: GroundTruth, ranking_dir: Path,
         rows.append(("Search", text))
     gtr = results.get("ground_truth")
     if isinstance(gtr, Mapping):
-        rows.append(("Ground truth", f"{gtr.get('path_gt', '')} ({gtr.get('gt_format', '')})"))
+        where = shown_path(gtr["path_gt"]) if gtr.get("path_gt") else ""
+        rows.append(("Ground truth", f"{where} ({gtr.get('gt_format', '')})"))
     return rows
 
 
