@@ -36,7 +36,7 @@ import multiprocessing
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +124,29 @@ class _ValueWriter:
         self.f.write(value)
         self.ids.append(image_id)
         self.lengths.append(len(value))
+
+
+@contextlib.contextmanager
+def _shard_values(job: Path, name: str) -> Iterator[_ValueWriter]:
+    """The shard's value file, written under a temporary name and synced before it takes
+    its own: a killed worker leaves no half file that the merge could read."""
+    with atomic_path(job / f"{name}.bin") as tmp, open(tmp, "wb") as f:
+        w = _ValueWriter(f)
+        yield w
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _already_done(job: Path, name: str, todo: Sequence[str],
+                  threads: Mapping[str, int | None]) -> dict[str, Any] | None:
+    """A worker's first move on a shard: the summary of its done marker when an earlier
+    attempt finished it (nothing is redone), else None after pinning this worker's
+    threads to the driver's."""
+    done = read_marker(job, name, todo)
+    if done is not None:
+        return {**_summary(done), "skipped": True}
+    _set_threads(threads)
+    return None
 
 
 def _finish(job: Path, name: str, covers: Sequence[str], w: _ValueWriter,
@@ -242,10 +265,8 @@ def _extract_shard(settings: Any, todo: list[str], job: str, name: str,
     from lib.features.feature_store import encode_record
 
     jobp = Path(job)
-    done = read_marker(jobp, name, todo)
-    if done is not None:
-        return {**_summary(done), "skipped": True}
-    _set_threads(threads)
+    if (skipped := _already_done(jobp, name, todo, threads)) is not None:
+        return skipped
     settings = _decode_settings(settings)
     t0 = time.perf_counter()
     ext = _extractor(settings)
@@ -257,8 +278,7 @@ def _extract_shard(settings: Any, todo: list[str], job: str, name: str,
                         "worker on the same device type with the same thread count")
     layers, dtype = list(settings["layers"]), settings["feature_dtype"]
     corrupt: dict[str, str] = {}
-    with atomic_path(jobp / f"{name}.bin") as tmp, open(tmp, "wb") as f:
-        w = _ValueWriter(f)
+    with _shard_values(jobp, name) as w:
 
         class Sink:
             def put_many(self, records: Sequence[tuple[str, Any, Any]]) -> None:
@@ -267,8 +287,6 @@ def _extract_shard(settings: Any, todo: list[str], job: str, name: str,
 
         res = fill_batches(ext, settings, Sink(), todo, {}, todo, corrupt, None,
                            desc=f"A: {name}")
-        f.flush()
-        os.fsync(f.fileno())
     rec = _finish(jobp, name, todo, w, {
         "corrupt": corrupt, "compute": mine, "setup_s": setup_s, "loop_s": res["loop_s"],
         "forward_s": res["forward_s"], "wait_s": res["wait_s"], "n": len(w.ids)})
@@ -284,10 +302,8 @@ def _assign_shard(settings: Any, todo: list[str], job: str, name: str,
     from lib.index.step import assign_all
 
     jobp = Path(job)
-    done = read_marker(jobp, name, todo)
-    if done is not None:
-        return {**_summary(done), "skipped": True}
-    _set_threads(threads)
+    if (skipped := _already_done(jobp, name, todo, threads)) is not None:
+        return skipped
     t0 = time.perf_counter()
     pca, cb = _models(settings)
     if n_candidates is not None:
@@ -303,11 +319,8 @@ def _assign_shard(settings: Any, todo: list[str], job: str, name: str,
         reader = LocalFeatureReader(store, list(nd) if nd else None,
                                     l2norm=settings["l2norm"], pca=pca)
         t1 = time.perf_counter()
-        with atomic_path(jobp / f"{name}.bin") as tmp, open(tmp, "wb") as f:
-            w = _ValueWriter(f)
+        with _shard_values(jobp, name) as w:
             assign_all(todo, reader, sizes, cb, _AssignSink(w, asg_meta))
-            f.flush()
-            os.fsync(f.fileno())
     finally:
         store.close()
     rec = _finish(jobp, name, todo, w, {"corrupt": {}, "setup_s": setup_s,
@@ -337,10 +350,8 @@ def _stream_shard(settings: Any, todo: list[str], job: str, name: str,
     from lib.index.streaming import AssigningSink
 
     jobp = Path(job)
-    done = read_marker(jobp, name, todo)
-    if done is not None:
-        return {**_summary(done), "skipped": True}
-    _set_threads(threads)
+    if (skipped := _already_done(jobp, name, todo, threads)) is not None:
+        return skipped
     settings = _decode_settings(settings)
     t0 = time.perf_counter()
     pca, cb = _models(settings)
@@ -349,13 +360,10 @@ def _stream_shard(settings: Any, todo: list[str], job: str, name: str,
     ext = _extractor(settings)
     setup_s = time.perf_counter() - t0
     corrupt: dict[str, str] = {}
-    with atomic_path(jobp / f"{name}.bin") as tmp, open(tmp, "wb") as f:
-        w = _ValueWriter(f)
+    with _shard_values(jobp, name) as w:
         sink = AssigningSink(settings, pca, cb, _AssignSink(w, asg_meta))  # type: ignore[arg-type]
         res = fill_batches(ext, settings, sink, todo, {}, todo, corrupt, None,
                            desc=f"C: {name}")
-        f.flush()
-        os.fsync(f.fileno())
     rec = _finish(jobp, name, todo, w, {
         "corrupt": corrupt, "setup_s": setup_s, "loop_s": res["loop_s"],
         "forward_s": res["forward_s"], "assign_s": sink.assign_s, "n": len(w.ids)})
