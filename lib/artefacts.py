@@ -145,6 +145,52 @@ def json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+# --------------------------------------------------------------------------- bounded reads
+
+
+def _binary_size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale} {unit}"
+    return f"{n} bytes"
+
+
+def read_small_file(path: str | os.PathLike, what: str, limit: int, *, kind: str | None = None,
+                    error: type[UserError] = UserError, missing: str = "missing",
+                    not_regular_hint: str = "") -> bytes:
+    """Content of a small input file a user names (settings, ground truth), refused up
+    front with one line (``error``) unless it is a regular file of at most ``limit``
+    bytes: a device (``/dev/zero``) would be read until memory runs out, a FIFO would
+    block forever. ``kind`` names the limit's file type in the message (default
+    ``what``)."""
+    path = Path(path)
+    if not path.exists():
+        raise error(f"{path}: {what} {missing}")
+    if not path.is_file():
+        raise error(f"{path}: {what} is not a regular file (a folder, device or "
+                    f"FIFO){not_regular_hint}")
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise error(f"{path}: cannot read the {what} ({e.strerror})") from None
+    if size > limit:
+        raise error(f"{path}: {what} of {size} bytes is larger than the "
+                    f"{_binary_size(limit)} a {kind or what} may have")
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise error(f"{path}: cannot read the {what} ({e.strerror})") from None
+
+
+def utf8_text(data: bytes, path: str | os.PathLike, what: str,
+              error: type[UserError] = UserError) -> str:
+    """``data`` decoded as UTF-8, or one line (``error``) naming the first bad byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: {what} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
 # --------------------------------------------------------------------------- provenance
 
 

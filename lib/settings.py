@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lib.artefacts import read_small_file, utf8_text
 from lib.errors import SettingsError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -403,25 +404,10 @@ def _read_with_extends(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any
     path = path.resolve()
     if path in seen:
         raise SettingsError(f"{path}: 'extends' cycle")
-    if not path.exists():
-        raise SettingsError(f"{path}: settings file not found")
-    if not path.is_file():
-        raise SettingsError(f"{path}: the settings path is not a regular file (a folder or a "
-                            "device?); give the settings JSON file")
-    try:
-        size = path.stat().st_size
-    except OSError as e:
-        raise SettingsError(f"{path}: cannot read the settings file ({e.strerror})") from None
-    if size > MAX_SETTINGS_BYTES:
-        raise SettingsError(f"{path}: settings file of {size} bytes is larger than the "
-                            f"{MAX_SETTINGS_BYTES // 2**20} MiB a settings file may have")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except OSError as e:
-        raise SettingsError(f"{path}: cannot read the settings file ({e.strerror})") from None
-    except UnicodeDecodeError as e:
-        raise SettingsError(f"{path}: the settings file is not UTF-8 text (byte {e.start}: "
-                            f"{e.reason})") from None
+    data = read_small_file(path, "settings file", MAX_SETTINGS_BYTES, error=SettingsError,
+                           missing="not found",
+                           not_regular_hint="; give the settings JSON file")
+    text = utf8_text(data, path, "settings file", SettingsError)
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as e:

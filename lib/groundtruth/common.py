@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lib.artefacts import read_small_file, utf8_text
 from lib.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
@@ -19,34 +20,14 @@ MAX_GT_BYTES = 2**30
 
 
 def read_gt_bytes(path: Path, what: str = "ground-truth file") -> bytes:
-    """Content of a ground-truth file, refused up front (UserError) unless it is a regular
-    file of at most :data:`MAX_GT_BYTES`: a device (``/dev/zero``) would be read until
-    memory runs out, a FIFO would block forever."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: {what} missing")
-    if not path.is_file():
-        raise UserError(f"{path}: {what} is not a regular file (a folder, device or FIFO)")
-    try:
-        size = path.stat().st_size
-    except OSError as e:
-        raise UserError(f"{path}: cannot read the {what} ({e.strerror})") from None
-    if size > MAX_GT_BYTES:
-        raise UserError(f"{path}: {what} of {size} bytes is larger than the "
-                        f"{MAX_GT_BYTES // 2**30} GiB a ground-truth file may have")
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read the {what} ({e.strerror})") from None
+    """Content of a ground-truth file: a regular file of at most :data:`MAX_GT_BYTES`
+    (:func:`lib.artefacts.read_small_file`)."""
+    return read_small_file(path, what, MAX_GT_BYTES, kind="ground-truth file")
 
 
 def read_gt_text(path: Path, what: str = "ground-truth file") -> str:
     """:func:`read_gt_bytes` decoded as UTF-8 (UserError when it is not)."""
-    try:
-        return read_gt_bytes(path, what).decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: {what} is not UTF-8 text (byte {e.start}: "
-                        f"{e.reason})") from None
+    return utf8_text(read_gt_bytes(path, what), path, what)
 
 
 def unsafe_id_reason(image_id: object) -> str | None:
