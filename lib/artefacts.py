@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from lib.errors import ArtefactMismatchError, LockedError, UserError
+from lib.errors import ArtefactMismatchError, LockedError, UserError, byte_size
 
 # --------------------------------------------------------------------------- atomic I/O
 
@@ -148,13 +148,6 @@ def json_default(o: Any) -> Any:
 # --------------------------------------------------------------------------- bounded reads
 
 
-def _binary_size(n: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale and n % scale == 0:
-            return f"{n // scale} {unit}"
-    return f"{n} bytes"
-
-
 def read_small_file(path: str | os.PathLike, what: str, limit: int, *, kind: str | None = None,
                     error: type[UserError] = UserError, missing: str = "missing",
                     not_regular_hint: str = "") -> bytes:
@@ -175,7 +168,7 @@ def read_small_file(path: str | os.PathLike, what: str, limit: int, *, kind: str
         raise error(f"{path}: cannot read the {what} ({e.strerror})") from None
     if size > limit:
         raise error(f"{path}: {what} of {size} bytes is larger than the "
-                    f"{_binary_size(limit)} a {kind or what} may have")
+                    f"{byte_size(limit)} a {kind or what} may have")
     try:
         return path.read_bytes()
     except OSError as e:

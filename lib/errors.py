@@ -55,11 +55,12 @@ def _free_bytes(path: str) -> int | None:
     return None
 
 
-def _size(n: int) -> str:
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
+def byte_size(n: int) -> str:
+    """``n`` bytes for a message: whole binary units when exact (a limit: ``16 MiB``),
+    else one decimal (free space: ``3.7 GiB``)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n // scale} {unit}" if n % scale == 0 else f"{n / scale:.1f} {unit}"
     return f"{n} bytes"
 
 
@@ -76,7 +77,7 @@ def storage_error(e: OSError) -> UserError | None:
     path = e.filename or "?"
     if name in ("ENOSPC", "EDQUOT"):
         free = _free_bytes(str(path))
-        left = f" ({_size(free)} free)" if free is not None else ""
+        left = f" ({byte_size(free)} free)" if free is not None else ""
         return UserError(f"{path}: no space left on the disk{left}; free some space and rerun "
                          "the same command (finished work is kept and the step resumes)")
     if name == "EROFS":
@@ -92,7 +93,7 @@ def store_write_error(path: str, what: str, e: Exception) -> UserError:
     lives, else names the error."""
     free = _free_bytes(path)
     if free is not None and free < LOW_SPACE:
-        return UserError(f"{path}: cannot write the {what}: the disk is full ({_size(free)} "
+        return UserError(f"{path}: cannot write the {what}: the disk is full ({byte_size(free)} "
                          "free); free some space and rerun the same command (finished work "
                          "is kept and the step resumes)")
     return UserError(f"{path}: cannot write the {what} ({e}); check the disk, then rerun "
