@@ -40,17 +40,14 @@ from lib.search.rankings import Rankings
 from lib.settings import load_settings
 
 REPO = Path(__file__).resolve().parent.parent
-TMP = Path(".")  # set in main: a scratch folder
-RUN = Path(".")  # set in main: the finished run (read only)
-SETTINGS = REPO / "settings" / "smvs_dvd.json"
 
 
-def settings():
+def settings(path: Path, run: Path, tmp: Path):
     # path_output only names where an (unused) query cache would live: the scratch
     # folder, so nothing in the run folder is touched; models and features are the run's
-    return load_settings(SETTINGS, {"rerank": False, "path_output": str(TMP / "out"),
-                                    "path_models": str(RUN / "models"),
-                                    "path_features": str(RUN / "features")})
+    return load_settings(path, {"rerank": False, "path_output": str(tmp / "out"),
+                                "path_models": str(run / "models"),
+                                "path_features": str(run / "features")})
 
 
 def cell_norms(s, ids, words):
@@ -86,8 +83,8 @@ def cell_weights(words, norm, prior: bool, frac: float, soft: float, rand: bool 
     return wt
 
 
-def search_all(name, db_vecs, q_vecs, ids, n_words, gt, q_names):
-    path = TMP / "idx" / name
+def search_all(tmp, name, db_vecs, q_vecs, ids, n_words, gt, q_names):
+    path = tmp / "idx" / name
     if path.exists():
         shutil.rmtree(path)
     index = InvertedFile.build(path, db_vecs, n_words, ids, {"variant": name})
@@ -103,34 +100,32 @@ def search_all(name, db_vecs, q_vecs, ids, n_words, gt, q_names):
 
 
 def main() -> None:
-    global TMP, RUN, SETTINGS
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--settings", type=Path, default=SETTINGS)
+    ap.add_argument("--settings", type=Path, default=REPO / "settings" / "smvs_dvd.json")
     ap.add_argument("--run", type=Path, default=REPO / "runs" / "smvs_dvd",
                     help="finished run folder (steps A-C; read only)")
     ap.add_argument("--only", nargs="*", default=[], help="variants whose name contains")
     ap.add_argument("--results", type=Path, default=None, help="write the rows as JSON")
     args = ap.parse_args()
-    SETTINGS, RUN = args.settings.resolve(), args.run.resolve()
-    TMP = Path(tempfile.mkdtemp(prefix="bench-cells-"))
+    tmp = Path(tempfile.mkdtemp(prefix="bench-cells-"))
     try:
-        run(args)
+        run(args, args.run.resolve(), tmp)
     finally:
-        shutil.rmtree(TMP, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run(args: argparse.Namespace) -> None:
-    s = settings()
+def run(args: argparse.Namespace, run_dir: Path, tmp: Path) -> None:
+    s = settings(args.settings.resolve(), run_dir, tmp)
     gt = load_ground_truth(s)
     ids = list(gt.db_ids)
-    store = AssignmentStore(RUN / "assignments.lmdb")
+    store = AssignmentStore(run_dir / "assignments.lmdb")
     words = {i: store.get(i)[0] for i in ids}
     enc = QueryEncoder(s, store)
     n_words = enc.n_words
     q_names = [q.name for q in gt.queries]
     # ---- how step D gets the query's map: query cache (if present) or the db store
-    qc = RUN / "query_words.lmdb"
+    qc = run_dir / "query_words.lmdb"
     same = None
     if (qc / "data.mdb").exists():
         with AssignmentStore(qc) as c:
@@ -148,11 +143,11 @@ def run(args: argparse.Namespace) -> None:
     hw = {q.image: store.get(q.image)[1] for q in gt.queries}
     q0 = [enc.encode_words(q.name, q.image, [words[q.image]], hw[q.image], q.bbox).vector
           for q in gt.queries]
-    base = search_all("baseline", db0, q0, ids, n_words, gt, q_names)
+    base = search_all(tmp, "baseline", db0, q0, ids, n_words, gt, q_names)
     t_base = time.perf_counter() - t0
     # against the shipped run's index and per-query AP
-    shipped = InvertedFile.load(RUN / "index")
-    ship_res = json.loads((RUN / "bow" / "results.json").read_text())
+    shipped = InvertedFile.load(run_dir / "index")
+    ship_res = json.loads((run_dir / "bow" / "results.json").read_text())
     # first stage against the shipped index itself
     orders = {qn: shipped.search(qv)[0] for qn, qv in zip(q_names, q0)}
     ship_first = evaluate(gt, Rankings(list(q_names), {}, {}, indices=orders))
@@ -207,7 +202,7 @@ def run(args: argparse.Namespace) -> None:
                else db0[k] for k, i in enumerate(ids)]
         qv = [query_vector([words[q.image]], [wdb[q.image]], n_words) if side != "db"
               else q0[k] for k, q in enumerate(gt.queries)]
-        res = search_all(name.replace(" ", "_").replace("=", "").replace(",", ""), dbv, qv,
+        res = search_all(tmp, name.replace(" ", "_").replace("=", "").replace(",", ""), dbv, qv,
                          ids, n_words, gt, q_names)
         dt = time.perf_counter() - t0
         ap = np.array([res["per_query"][n] for n in q_names])
@@ -224,7 +219,7 @@ def run(args: argparse.Namespace) -> None:
               f"[{lo*100:+.2f}, {hi*100:+.2f}] cl[{clo*100:+.2f}, {chi*100:+.2f}]  "
               f"w/l {row['wins']}/{row['losses']}  {dt:.1f} s", flush=True)
     if args.results:
-        args.results.write_text(json.dumps({"run": str(RUN), "baseline_map": base["map"],
+        args.results.write_text(json.dumps({"run": str(run_dir), "baseline_map": base["map"],
                                             "rows": rows}, indent=1) + "\n")
 
 
