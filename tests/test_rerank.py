@@ -7,6 +7,7 @@ import itertools
 
 import numpy as np
 import pytest
+from helpers_rerank import brute_window_score
 
 from lib.index.bow import bow_vector
 from lib.search import rerank as rr
@@ -22,32 +23,9 @@ from lib.search.rerank import (
 
 def _brute_score(q: np.ndarray, cells, m: np.ndarray, k: int, n_words: int,
                  levels: int) -> float:
-    """The spec's score written out with explicit histograms (bow_vector + sparse_dot)."""
-    def cos(a, b) -> float:
-        if a.size == 0 or b.size == 0:
-            return 0.0
-        ha = np.bincount(a.ravel(), minlength=n_words).astype(float)
-        hb = np.bincount(b.ravel(), minlength=n_words).astype(float)
-        return float(ha @ hb / np.sqrt((ha @ ha) * (hb @ hb)))
-
-    r0, c0, r1, c1 = (0, 0, *q.shape) if cells is None else cells
-    rb, cb = lattice(m.shape[0]), lattice(m.shape[1])
-    (ka, kb), (la, lb) = rr._WIN["r"][k], rr._WIN["c"][k]  # window k's lattice spans
-    w0, w1, v0, v1 = rb[ka], rb[kb], cb[la], cb[lb]
-    s = cos(m[w0:w1, v0:v1], q[r0:r1, c0:c1])
-    if levels == 1:
-        return s
-    qm_r, qm_c = r0 + (r1 - r0 + 1) // 2, c0 + (c1 - c0 + 1) // 2
-    # window halves lie on the lattice: the middle lattice position of its span
-    wm_r, wm_c = rb[(ka + kb) // 2], cb[(la + lb) // 2]
-    quads_w = [(w0, v0, wm_r, wm_c), (w0, wm_c, wm_r, v1), (wm_r, v0, w1, wm_c),
-               (wm_r, wm_c, w1, v1)]
-    quads_q = [(r0, c0, qm_r, qm_c), (r0, qm_c, qm_r, c1), (qm_r, c0, r1, qm_c),
-               (qm_r, qm_c, r1, c1)]
-    tot = 0.5 * s
-    for (a0, b0, a1, b1), (e0, f0, e1, f1) in zip(quads_w, quads_q):
-        tot += cos(m[a0:a1, b0:b1], q[e0:e1, f0:f1])
-    return tot / 4.5
+    """The paper's counts rule: every cell weighs 1."""
+    return brute_window_score(q, cells, m, k, n_words, levels, np.ones(q.shape),
+                              np.ones(m.shape))
 
 
 # ------------------------------------------------------------------------- window grid

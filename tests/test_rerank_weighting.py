@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers_rerank import brute_window_score
 
 from lib.index.bow import bow_vector, centre_prior, sparse_dot
 from lib.index.encoding import database_vector
@@ -16,40 +17,13 @@ from lib.search.rerank import lattice, rerank, window_scores
 
 def _weighted_brute_score(q: np.ndarray, cells, m: np.ndarray, k: int, n_words: int,
                           levels: int) -> float:
-    """The centre-prior rule written out: candidate cells carry the centre prior of the
-    candidate map, query cells the centre prior of the box (the whole map without one);
-    quadrants keep their cells' weights."""
-    qh, qwd = q.shape
-    r0, c0, r1, c1 = (0, 0, qh, qwd) if cells is None else cells
+    """The centre-prior rule: candidate cells carry the centre prior of the candidate
+    map, query cells the centre prior of the box (the whole map without one)."""
+    r0, c0, r1, c1 = (0, 0, *q.shape) if cells is None else cells
     qweights = np.zeros(q.shape)
     qweights[r0:r1, c0:c1] = centre_prior(r1 - r0, c1 - c0)
-    mweights = centre_prior(*m.shape).astype(np.float64)
-
-    def hist(words, weights) -> np.ndarray:
-        return np.bincount(words.ravel(), weights=weights.ravel(), minlength=n_words)
-
-    def cos(a, b) -> float:
-        na, nb = np.sqrt(a @ a), np.sqrt(b @ b)
-        return 0.0 if na == 0 or nb == 0 else float(a @ b / (na * nb))
-
-    def region(a0, b0, a1, b1, e0, f0, e1, f1) -> float:
-        return cos(hist(m[a0:a1, b0:b1], mweights[a0:a1, b0:b1]),
-                   hist(q[e0:e1, f0:f1], qweights[e0:e1, f0:f1]))
-
-    rb, cb = lattice(m.shape[0]), lattice(m.shape[1])
-    (ka, kb), (la, lb) = rr._WIN["r"][k], rr._WIN["c"][k]
-    w0, w1, v0, v1 = rb[ka], rb[kb], cb[la], cb[lb]
-    s = region(w0, v0, w1, v1, r0, c0, r1, c1)
-    if levels == 1:
-        return s
-    qm_r, qm_c = r0 + (r1 - r0 + 1) // 2, c0 + (c1 - c0 + 1) // 2
-    wm_r, wm_c = rb[(ka + kb) // 2], cb[(la + lb) // 2]
-    quads_w = [(w0, v0, wm_r, wm_c), (w0, wm_c, wm_r, v1), (wm_r, v0, w1, wm_c),
-               (wm_r, wm_c, w1, v1)]
-    quads_q = [(r0, c0, qm_r, qm_c), (r0, qm_c, qm_r, c1), (qm_r, c0, r1, qm_c),
-               (qm_r, qm_c, r1, c1)]
-    tot = 0.5 * s + sum(region(*a, *b) for a, b in zip(quads_w, quads_q))
-    return tot / 4.5
+    return brute_window_score(q, cells, m, k, n_words, levels, qweights,
+                              centre_prior(*m.shape).astype(np.float64))
 
 
 @pytest.mark.parametrize("levels", [1, 2])
