@@ -15,6 +15,7 @@ import gc
 import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -415,3 +416,10 @@ def small_demo_set(root: Path, dataset: str) -> tuple[Path, Path]:
     sp = root / "settings.json"
     write_json(sp, cfg)
     return sp, gt_path
+
+
+def copy_dataset(settings: Path, dst: Path) -> Path:
+    """A copy of the folder holding ``settings`` (its data, and any run in it) at ``dst``,
+    so that a test can damage or change it; returns the copy's settings path."""
+    shutil.copytree(Path(settings).parent, dst)
+    return dst / "settings.json"

@@ -29,6 +29,7 @@ from tests.helpers_pipeline import (
     DB_SIZES,
     assert_one_error,
     call_step,
+    copy_dataset,
     dump_lmdb,
     make_dataset,
     refusal,
@@ -199,9 +200,6 @@ def built(tmp_path_factory) -> Path:
     return s
 
 
-def _copy(built: Path, dst: Path) -> Path:
-    shutil.copytree(built.parent, dst)
-    return dst / "settings.json"
 
 
 def _gt_variant(s: Path, query: int, **gnd_changes) -> Path:
@@ -219,17 +217,17 @@ def _d_refuses(s: Path, gt: Path, *needles: str) -> None:
 
 
 def test_query_box_outside_the_image(built, tmp_path):
-    s = _copy(built, tmp_path / "r")
+    s = copy_dataset(built, tmp_path / "r")
     _d_refuses(s, _gt_variant(s, 1, bbx=[100, 100, 400, 300]), "query 'q_1'")
 
 
 def test_query_box_with_zero_area(built, tmp_path):
-    s = _copy(built, tmp_path / "r")
+    s = copy_dataset(built, tmp_path / "r")
     _d_refuses(s, _gt_variant(s, 0, bbx=[10, 10, 10, 30]), "q_0", "zero or negative area")
 
 
 def test_query_image_missing_from_the_folder(built, tmp_path):
-    s = _copy(built, tmp_path / "r")
+    s = copy_dataset(built, tmp_path / "r")
     gt = json.loads((s.parent / "gt.json").read_text())
     gt["qimlist"][1] = "q_absent"
     p = s.parent / "gt_bad.json"
@@ -238,7 +236,7 @@ def test_query_image_missing_from_the_folder(built, tmp_path):
 
 
 def test_malformed_generic_ground_truth(built, tmp_path):
-    s = _copy(built, tmp_path / "r")
+    s = copy_dataset(built, tmp_path / "r")
     _d_refuses(s, _gt_variant(s, 0, ok=["one", 2]), "gt_bad.json", "q_0", "'ok'")
 
 
@@ -257,7 +255,7 @@ def test_malformed_oxford_query_line(tmp_path):
 def test_empty_positive_set_is_left_out_of_the_mean(built, tmp_path):
     """Not an error: AP is undefined, so the query is left out of map.txt and of the
     mean, and results.json names it (map.txt never holds nan)."""
-    s = _copy(built, tmp_path / "r")
+    s = copy_dataset(built, tmp_path / "r")
     gt = _gt_variant(s, 1, ok=[], junk=[])
     call_step("E", s, f"path_gt={gt}")
     lines = (s.parent / "run" / "bow" / "map.txt").read_text().split()
@@ -292,7 +290,7 @@ def _c_refuses(s: Path, extra_and_needles: tuple[tuple[str, ...], tuple[str, ...
 
 @pytest.mark.parametrize("field,value", [("layers", ["s5_expand"]), ("input_size", [96, 64])])
 def test_models_from_another_network_setting(built, tmp_path, field, value):
-    s = _copy(built, tmp_path / "r")
+    s = copy_dataset(built, tmp_path / "r")
     m = _models_copy(s)
     meta = json.loads((m / "codebook.json").read_text())
     meta["provenance"][field] = value
@@ -301,7 +299,7 @@ def test_models_from_another_network_setting(built, tmp_path, field, value):
 
 
 def test_truncated_npy(built, tmp_path):
-    s = _copy(built, tmp_path / "r")
+    s = copy_dataset(built, tmp_path / "r")
     m = _models_copy(s)
     data = (m / "codebook.npy").read_bytes()
     (m / "codebook.npy").write_bytes(data[: len(data) - 40])
@@ -309,13 +307,13 @@ def test_truncated_npy(built, tmp_path):
 
 
 def test_feature_store_written_by_other_settings(built, tmp_path):
-    s = _copy(built, tmp_path / "r")
+    s = copy_dataset(built, tmp_path / "r")
     _c_refuses(s, (("antialias=true", f"path_models={s.parent / 'run' / 'models'}"),
                    ("'antialias'",)))
 
 
 def test_ranking_list_with_unknown_ids(built, tmp_path):
-    s = _copy(built, tmp_path / "r")
+    s = copy_dataset(built, tmp_path / "r")
     bow = s.parent / "run" / "bow"
     f = bow / "lists" / "q_0.txt"
     f.write_text(f.read_text().replace("img_03", "ghost_image"))

@@ -18,6 +18,7 @@ from lib.features.feature_store import FeatureStore
 from tests.helpers_pipeline import (
     assert_one_error,
     call_step,
+    copy_dataset,
     load,
     make_dataset,
     refusal,
@@ -35,9 +36,6 @@ def built(tmp_path_factory) -> Path:
     return s
 
 
-def _copy(built: Path, dst: Path) -> Path:
-    shutil.copytree(built.parent, dst)
-    return dst / "settings.json"
 
 
 def _store(s: Path) -> Path:
@@ -58,7 +56,7 @@ def _mark_incomplete(store: Path) -> None:
 
 
 def test_b_refuses_an_incomplete_store(built, tmp_path):
-    s = _copy(built, tmp_path / "r")
+    s = copy_dataset(built, tmp_path / "r")
     shutil.rmtree(s.parent / "run" / "models")
     store = _store(s)
     _mark_incomplete(store)
@@ -69,22 +67,22 @@ def test_b_refuses_an_incomplete_store(built, tmp_path):
 
 def test_b_refuses_an_incomplete_train_store(built, tmp_path):
     """``train_store`` names another run's store: it must be complete too."""
-    other = _copy(built, tmp_path / "other")
+    other = copy_dataset(built, tmp_path / "other")
     store = _store(other)
     _mark_incomplete(store)
-    s = _copy(built, tmp_path / "r")
+    s = copy_dataset(built, tmp_path / "r")
     models = tmp_path / "models_new"
     err = refusal("B", s, f"train_store={store}", f"path_models={models}")
     assert_one_error(err, str(store), "incomplete", "rerun step A")
     assert not models.exists()
     # and a complete train_store is used (B reads another run's store)
-    other_ok = _copy(built, tmp_path / "other_ok")
+    other_ok = copy_dataset(built, tmp_path / "other_ok")
     res = call_step("B", s, f"train_store={_store(other_ok)}", f"path_models={models}")
     assert res.counts["codebook_fitted"] is True
 
 
 def test_c_and_pooling_refuse_an_incomplete_store(built, tmp_path):
-    s = _copy(built, tmp_path / "r")
+    s = copy_dataset(built, tmp_path / "r")
     store = _store(s)
     _mark_incomplete(store)
     err = refusal("C", s)
@@ -103,7 +101,7 @@ def test_c_and_pooling_refuse_an_incomplete_store(built, tmp_path):
 
 def test_complete_store_still_accepted(built, tmp_path):
     """A finished store (``complete`` true) passes, as before."""
-    s = _copy(built, tmp_path / "r")
+    s = copy_dataset(built, tmp_path / "r")
     assert call_step("C", s).counts["indexed"] == 8
 
 
@@ -117,7 +115,7 @@ def _codebook(s: Path) -> Path:
 @pytest.mark.parametrize("damage", ["fewer_rows", "transposed", "permuted", "nan",
                                     "float64"])
 def test_c_refuses_a_codebook_that_does_not_match_its_metadata(built, tmp_path, damage):
-    s = _copy(built, tmp_path / "r")
+    s = copy_dataset(built, tmp_path / "r")
     p = _codebook(s)
     c = np.load(p)
     bad = {"fewer_rows": c[:-1], "transposed": np.ascontiguousarray(c.T),
@@ -131,7 +129,7 @@ def test_c_refuses_a_codebook_that_does_not_match_its_metadata(built, tmp_path, 
 
 
 def test_c_refuses_a_pca_that_does_not_match_its_metadata(built, tmp_path):
-    s = _copy(built, tmp_path / "r")
+    s = copy_dataset(built, tmp_path / "r")
     p = s.parent / "run" / "models" / "pca.npz"
     with np.load(p) as z:
         arrays = {k: z[k] for k in z.files}
@@ -144,7 +142,7 @@ def test_c_refuses_a_pca_that_does_not_match_its_metadata(built, tmp_path):
 def test_codebook_and_sidecar_from_two_writes_are_refused(built, tmp_path):
     """A kill between the renames of codebook.npy and codebook.json leaves the new words
     with the previous run's sidecar: refused on load (hash check), never used."""
-    s = _copy(built, tmp_path / "r")
+    s = copy_dataset(built, tmp_path / "r")
     side = _codebook(s).with_suffix(".json")
     old = side.read_bytes()
     call_step("B", s, "seed=1")  # same shape, other words
@@ -157,7 +155,7 @@ def test_codebook_and_sidecar_from_two_writes_are_refused(built, tmp_path):
 
 
 def test_kmeans_iter_zero_refused_before_anything_is_written(built, tmp_path):
-    s = _copy(built, tmp_path / "r")
+    s = copy_dataset(built, tmp_path / "r")
     shutil.rmtree(s.parent / "run" / "models")
     err = refusal("B", s, "kmeans_iter=0")
     assert_one_error(err, "kmeans_iter")
@@ -185,7 +183,7 @@ def test_newline_in_image_id_refused_before_assignment(tmp_path):
     ("seed=1", "seed"), ("n_samples=1000", "n_samples"), ("kmeans_iter=4", "kmeans_iter"),
     ("kmeans=approximate", "kmeans"), ("max_train_images=5", "max_train_images")])
 def test_c_refuses_models_trained_with_other_b_settings(built, tmp_path, override, field):
-    s = _copy(built, tmp_path / "r")
+    s = copy_dataset(built, tmp_path / "r")
     err = refusal("C", s, override)
     assert_one_error(err, "codebook", f"'{field}'")
     assert not (s.parent / "run" / "assignments.lmdb").exists()
@@ -203,7 +201,7 @@ def test_d_compares_b_settings_too(built):
 def test_reused_models_with_inherited_b_settings_pass(built, tmp_path):
     """The 105k/106k pattern: another output folder reuses this run's models and store
     (TRAIN_* false, same B keys): B has nothing to train and C accepts the models."""
-    s = _copy(built, tmp_path / "r")
+    s = copy_dataset(built, tmp_path / "r")
     run = s.parent / "run"
     over = (f"path_output={tmp_path / 'big'}", f"path_models={run / 'models'}",
             f"path_features={run / 'features'}", "TRAIN_PCA=false", "TRAIN_CENTROIDS=false")

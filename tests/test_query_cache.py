@@ -19,7 +19,7 @@ from lib.index.assignment_store import AssignmentStore
 from lib.search.augmentation import variants_for
 from lib.search.step import rank_bow
 from lib.settings import load_settings
-from tests.helpers_pipeline import QUERY_SIZES, make_dataset, run_pipeline
+from tests.helpers_pipeline import QUERY_SIZES, copy_dataset, make_dataset, run_pipeline
 
 QUERIES = [name for name, _, _ in QUERY_SIZES]
 
@@ -32,9 +32,6 @@ def reference(tmp_path_factory) -> Path:
     return root
 
 
-def _copy(reference: Path, dst: Path) -> Path:
-    shutil.copytree(reference, dst)
-    return dst / "settings.json"
 
 
 def _cache_ids(run: Path) -> list[str]:
@@ -55,7 +52,7 @@ def test_cache_records_name_the_query_file(reference):
 
 
 def test_missing_query_photos_fail_instead_of_answering_from_the_cache(reference, tmp_path):
-    sp = _copy(reference, tmp_path / "r")
+    sp = copy_dataset(reference / "settings.json", tmp_path / "r")
     run = tmp_path / "r" / "run"
     assert _cache_ids(run)  # every query is cached
     before = (run / "bow" / "scores.npy").read_bytes()
@@ -77,7 +74,7 @@ def test_missing_query_photos_fail_instead_of_answering_from_the_cache(reference
 
 
 def test_rewritten_query_photo_is_read_again(reference, tmp_path):
-    sp = _copy(reference, tmp_path / "r")
+    sp = copy_dataset(reference / "settings.json", tmp_path / "r")
     run = tmp_path / "r" / "run"
     s = load_settings(sp)
     before = np.load(run / "bow" / "scores.npy")
