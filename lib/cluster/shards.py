@@ -212,16 +212,12 @@ def worker_compute(device: str, cpu_kernels: str, threads: Mapping[str, int | No
         return {"error": str(e)}
 
 
-def _kernels(settings: Any) -> str:
-    return str(settings.get("cpu_kernels", "onednn"))
-
-
 def _extractor(settings: Any) -> Any:
     from lib.features.extraction import Extractor
 
     key = "ext:" + canonical_hash({k: settings[k] for k in (
         "network", "weights", "weights_file", "layers", "device", "precision", "resize",
-        "input_size", "max_side", "antialias")} | {"kernels": _kernels(settings)})
+        "input_size", "max_side", "antialias")} | {"kernels": settings["cpu_kernels"]})
     if key not in _CACHE:
         _CACHE[key] = Extractor(settings)
     return _CACHE[key]
@@ -271,7 +267,7 @@ def _extract_shard(settings: Any, todo: list[str], job: str, name: str,
     t0 = time.perf_counter()
     ext = _extractor(settings)
     setup_s = time.perf_counter() - t0
-    mine = compute_record(ext.device, _kernels(settings))
+    mine = compute_record(ext.device, settings["cpu_kernels"])
     if dict(mine) != dict(expected):
         raise UserError(f"cluster worker {os.uname().nodename} (pid {os.getpid()}) would "
                         f"extract with {mine}, the store holds {dict(expected)}; run every "
@@ -391,7 +387,7 @@ def _partition_shard(apath: str, ids: list[str], doc_offset: int, weighting: str
 def cluster_compute_record(engine: Any, settings: Any) -> dict[str, Any]:
     """The compute record every worker reports for this run (device and, on the CPU, the
     driver's thread count); workers that disagree are refused, naming them."""
-    recs = engine.on_workers(worker_compute, settings["device"], _kernels(settings),
+    recs = engine.on_workers(worker_compute, settings["device"], settings["cpu_kernels"],
                              driver_threads())
     errors = [r["error"] for r in recs.values() if "error" in r]
     if errors:

@@ -97,7 +97,7 @@ class Extractor:
         # oneDNN's CPU convolutions split their work by thread count, so their last bits
         # follow it; torch's own kernels do not (docs/guarantees.md#determinism)
         self.onednn = not (self.device.type == "cpu"
-                           and settings.get("cpu_kernels", "onednn") == "portable")
+                           and settings["cpu_kernels"] == "portable")
         bb = build_backbone(settings["network"], settings["weights"], self.layers,
                             settings["weights_file"])
         self.backbone = bb.to(self.device, memory_format=torch.channels_last)
