@@ -258,29 +258,28 @@ def test_query_name_outside_root_refused(tmp_path, bad):
     assert repr(bad) in str(e.value)
 
 
-def test_judged_id_outside_root_refused(tmp_path):
+def _oxford_toy(tmp_path: Path, query_line: str, good: str = "") -> dict:
+    """An Oxford-layout ground truth of one query (its lines given) and an empty image
+    folder, as the settings mapping the reader takes."""
     gt = tmp_path / "gt"
     gt.mkdir()
     (tmp_path / "imgs").mkdir()
-    (gt / "tower_1_query.txt").write_text("a 0 0 5 5\n")
-    (gt / "tower_1_good.txt").write_text("../../etc/passwd\n")
+    (gt / "tower_1_query.txt").write_text(query_line)
+    (gt / "tower_1_good.txt").write_text(good)
     (gt / "tower_1_ok.txt").write_text("")
     (gt / "tower_1_junk.txt").write_text("")
-    s = {"gt_format": "oxford", "path_gt": gt, "path_images": tmp_path / "imgs",
-         "dataset": "toy", "path_distractors": None}
+    return {"gt_format": "oxford", "path_gt": gt, "path_images": tmp_path / "imgs",
+            "dataset": "toy", "path_distractors": None}
+
+
+def test_judged_id_outside_root_refused(tmp_path):
+    s = _oxford_toy(tmp_path, "a 0 0 5 5\n", good="../../etc/passwd\n")
     with pytest.raises(UserError, match="'../../etc/passwd'"):
         load_ground_truth(s)
 
 
 def test_query_image_outside_root_refused_oxford(tmp_path):
-    gt = tmp_path / "gt"
-    gt.mkdir()
-    (tmp_path / "imgs").mkdir()
-    (gt / "tower_1_query.txt").write_text("oxc1_../../secret 0 0 5 5\n")
-    for k in ("good", "ok", "junk"):
-        (gt / f"tower_1_{k}.txt").write_text("")
-    s = {"gt_format": "oxford", "path_gt": gt, "path_images": tmp_path / "imgs",
-         "dataset": "toy", "path_distractors": None}
+    s = _oxford_toy(tmp_path, "oxc1_../../secret 0 0 5 5\n")
     with pytest.raises(UserError, match="query image id '../../secret'"):
         load_ground_truth(s)
 
