@@ -27,7 +27,13 @@ from helpers_pipeline import (
 )
 
 from lib.index import asmk
-from lib.index.assignment_store import AssignmentStore, decode, decode_signature, encode
+from lib.index.assignment_store import (
+    AssignmentStore,
+    decode,
+    decode_both,
+    decode_signature,
+    encode,
+)
 from lib.index.inverted_file import InvertedFile
 from lib.provenance import assignment_record, load_models
 
@@ -215,7 +221,19 @@ def test_assignment_records_with_signatures_round_trip() -> None:
     np.testing.assert_array_equal(sg, sig[1])
     plain = encode(words, (20, 30))
     assert plain[:4] == b"ASG3" and decode_signature(plain, "r") is None
+    # one read for both (step C's pass with BoW weights)
+    w2, hw2, (uw2, sg2) = decode_both(buf, "r")
+    np.testing.assert_array_equal(w2, words)
+    assert hw2 == (20, 30)
+    np.testing.assert_array_equal(uw2, sig[0])
+    np.testing.assert_array_equal(sg2, sig[1])
+    w3, _, none = decode_both(plain, "r")
+    np.testing.assert_array_equal(w3, words)
+    assert none is None
     from lib.errors import UserError
+
+    with pytest.raises(UserError, match="CRC-32"):
+        decode_both(buf[:-1], "r")
 
     # a truncated record fails its CRC-32; one of the older format (ASG2: no trailer)
     # fails the length its header implies
@@ -231,24 +249,47 @@ def test_assignment_records_with_signatures_round_trip() -> None:
         decode(old[: len(old_plain) + 3], "r")
 
 
+@pytest.mark.parametrize("alpha", [0.0, 3.0])
 def test_query_expansion_averages_kernel_scores(asmk_run: tuple[Path, Path],
-                                                tmp_path: Path) -> None:
-    """With kernel = asmk, expansion stays in the kernel: the final scores are the mean of
-    the query's scores and those of its top images' stored signatures used as queries."""
+                                                tmp_path: Path, alpha: float) -> None:
+    """With kernel = asmk, expansion stays in the kernel: the final scores are the
+    weighted mean of the query's scores (weight 1) and those of its top images' stored
+    signatures used as queries (weight (first score / the best one's) ** qe_alpha; 0
+    is the plain mean), an expansion image's own score without its own vote."""
     root, s = asmk_run
     dst = tmp_path / "qe"
     shutil.copytree(root, dst)
-    over = ("query_expansion=gqe", "qe_select=top", "qe_top=2", "rerank=false")
+    over = ("query_expansion=gqe", "qe_top=2", "rerank=false", f"qe_alpha={alpha}")
     call_step("D", dst / "settings.json", *over)
     got = np.load(dst / "run" / "bow" / "scores.npy")
     first = np.load(root / "run" / "bow" / "scores.npy")  # the same queries, no expansion
     ids, images = _reference_images(s)
     offsets, docs, sigs, weights = asmk.build_postings(images, 6)
+    uneven = 0
     for qi in range(first.shape[0]):
         top = np.argsort(-first[qi], kind="stable")[:2]
         total = first[qi].astype(np.float64)
-        for d in top:
+        wts = (first[qi][top].astype(np.float64) / first[qi][top[0]]) ** alpha
+        uneven += int(wts[1] < 0.99)
+        denom = np.full(total.size, 1 + wts.sum())
+        for d, wt in zip(top, wts):
             uw, sg = images[d]
-            total += asmk.score_postings(uw, sg, offsets, docs, sigs, weights, len(ids),
-                                         n_bits=12, per_doc=False)
-        np.testing.assert_allclose(got[qi], total / 3, rtol=1e-5, atol=1e-6)
+            si = asmk.score_postings(uw, sg, offsets, docs, sigs, weights, len(ids),
+                                     n_bits=12, per_doc=False)
+            total += wt * si
+            total[d] -= wt * si[d]  # no vote for itself
+            denom[d] -= wt
+        np.testing.assert_allclose(got[qi], total / denom, rtol=1e-5, atol=1e-6)
+    assert alpha == 0 or uneven  # the weights were not all 1
+
+
+def test_weights_of_words_reads_the_bow_vector() -> None:
+    """The kernel's BoW weights of an image's aggregated words: the word's value in the
+    sparse vector, 0 for a word the vector lacks (BoW drops zero-weight words)."""
+    from lib.index.encoding import weights_of_words
+
+    vec = (np.array([2, 5, 9], np.int64), np.array([0.5, 0.25, 0.125], np.float32))
+    np.testing.assert_array_equal(weights_of_words(vec, np.array([0, 2, 6, 9, 12])),
+                                  [0.0, 0.5, 0.0, 0.125, 0.0])
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.float32))
+    np.testing.assert_array_equal(weights_of_words(empty, np.array([1, 3])), [0.0, 0.0])

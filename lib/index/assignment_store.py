@@ -145,6 +145,21 @@ def decode_signature(buf: bytes | memoryview, what: str, require_checksum: bool 
     """The ASMK signatures of a record (None for a record without them), verified as
     :func:`decode` verifies."""
     magic, _, _, _, _, _, end = _check(buf, what, require_checksum)
+    return _signature_at(buf, magic, end)
+
+
+def decode_both(buf: bytes | memoryview, what: str, require_checksum: bool = False
+                ) -> tuple[np.ndarray, tuple[int, int], Signature | None]:
+    """:func:`decode` and :func:`decode_signature` of one record with one verification
+    (step C's ASMK pass with BoW weights reads both of every image)."""
+    magic, code, h, w, h0, w0, end = _check(buf, what, require_checksum)
+    dt = _CODES[code]
+    words = np.frombuffer(buf, dt, count=h * w, offset=HEADER.size).reshape(h, w)
+    return (words.astype(dt.newbyteorder("="), copy=True), (int(h0), int(w0)),
+            _signature_at(buf, magic, end))
+
+
+def _signature_at(buf: bytes | memoryview, magic: bytes, end: int) -> Signature | None:
     if magic != MAGIC_SIG:
         return None
     m, n = SIG_HEADER.unpack_from(buf, end)
@@ -238,6 +253,11 @@ class AssignmentStore:
     def get_signature(self, image_id: str) -> Signature | None:
         """(words, signatures) of one image's ASMK record, None when it has none."""
         return self._read(image_id, decode_signature)
+
+    def get_both(self, image_id: str
+                 ) -> tuple[np.ndarray, tuple[int, int], Signature | None]:
+        """:meth:`get` and :meth:`get_signature` of one image in one read."""
+        return self._read(image_id, decode_both)
 
     def __contains__(self, image_id: object) -> bool:
         if not isinstance(image_id, str) or image_id.encode("utf-8") == META_KEY:

@@ -48,3 +48,15 @@ def database_vector(words: np.ndarray, weighting: str, n_words: int) -> SparseVe
     else:
         raise ValueError(f"weighting '{weighting}': expected one of {', '.join(WEIGHTINGS)}")
     return bow_vector(words.astype(np.int64, copy=False), n_words, weights)
+
+
+def weights_of_words(vec: SparseVec, words: np.ndarray) -> np.ndarray:
+    """float64 (len(words),): each word's weight in the sparse vector ``vec`` (sorted
+    indices), 0 for a word it lacks: the kernel's BoW weights (``asmk_weighting = bow``)
+    of an image's aggregated words, which keep words BoW drops."""
+    idx, val = vec
+    words = np.asarray(words, np.int64)
+    if idx.size == 0:
+        return np.zeros(words.size)
+    at = np.minimum(np.searchsorted(idx, words), idx.size - 1)
+    return np.where(idx[at] == words, val[at], 0.0).astype(np.float64)

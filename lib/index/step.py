@@ -46,7 +46,7 @@ from lib.errors import ArtefactMismatchError, UserError
 from lib.index.asmk import aggregate
 from lib.index.assignment_store import AssignmentStore
 from lib.index.bow import SparseVec
-from lib.index.encoding import database_vector, word_dtype
+from lib.index.encoding import database_vector, weights_of_words, word_dtype
 from lib.pipeline import StepResult
 from lib.provenance import (
     assignment_record,
@@ -153,16 +153,20 @@ def write_signatures(folder: Path, asg: AssignmentStore, present: list[str],
         ASMK_WEIGHTS,
     )
 
-    def signatures() -> Iterator[tuple[int, str, np.ndarray, np.ndarray]]:
+    def signatures(with_map: bool
+                   ) -> Iterator[tuple[int, np.ndarray | None, np.ndarray, np.ndarray]]:
         for d, image_id in enumerate(present):
-            sig = asg.get_signature(image_id)
+            if with_map:  # one read and one checksum for the map and the signatures
+                words, _, sig = asg.get_both(image_id)
+            else:
+                words, sig = None, asg.get_signature(image_id)
             if sig is None or sig[1].shape[1] != signature_bytes(n_bits):
                 raise UserError(f"{asg.path}: image '{image_id}' has no {n_bits}-bit ASMK "
                                 "signatures; delete the assignment store and rerun step C")
-            yield d, image_id, sig[0].astype(np.int64), sig[1]
+            yield d, words, sig[0].astype(np.int64), sig[1]
 
     counts = np.zeros(n_words, np.int64)
-    for _, _, uw, _ in signatures():
+    for _, _, uw, _ in signatures(False):
         counts[uw] += 1
     offsets = np.zeros(n_words + 1, np.int64)
     np.cumsum(counts, out=offsets[1:])
@@ -172,8 +176,9 @@ def write_signatures(folder: Path, asg: AssignmentStore, present: list[str],
                        (n_post, signature_bytes(n_bits)))
     weights = open_memmap(folder / ASMK_WEIGHTS, "w+", np.float32, (n_post,))
     cursor = offsets[:-1].copy()
-    for d, image_id, uw, sg in tqdm(signatures(), total=len(present), desc="ASMK signatures",
-                             unit="img", mininterval=2.0, disable=None, leave=False):
+    for d, words, uw, sg in tqdm(signatures(weighting is not None), total=len(present),
+                                 desc="ASMK signatures", unit="img", mininterval=2.0,
+                                 disable=None, leave=False):
         pos = cursor[uw]
         docs[pos] = d
         sigs[pos] = sg
@@ -181,10 +186,7 @@ def write_signatures(folder: Path, asg: AssignmentStore, present: list[str],
         if weighting is None:
             weights[pos] = 1.0 / np.sqrt(uw.size)
         else:
-            idx, val = database_vector(asg.get(image_id)[0], weighting, n_words)
-            at = np.minimum(np.searchsorted(idx, uw), max(idx.size - 1, 0))
-            hit = idx[at] == uw if idx.size else np.zeros(uw.size, bool)
-            weights[pos] = np.where(hit, val[at] if idx.size else 0.0, 0.0)
+            weights[pos] = weights_of_words(database_vector(words, weighting, n_words), uw)
     for a in (docs, sigs, weights):
         a.flush()
     del docs, sigs, weights
