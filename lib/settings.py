@@ -203,13 +203,27 @@ SCHEMA: tuple[Key, ...] = (
         "cells carry the candidate image's centre prior and the query box, the whole map in "
         "GS, its own centre prior; with weighting = counts the same as counts)", "D",
         choices=("counts", "database")),
+    Key("rerank_score", "str", "auto", "re-ranking: what orders the top: window (the "
+        "best-window score, the paper), fused (the first-stage score plus "
+        "rerank_fusion_weight times the window score, each divided by its largest in the "
+        "top: the windows break the first stage's near-ties) or auto (window with kernel = "
+        "bow, fused with kernel = asmk: BoW windows alone would replace the selective "
+        "kernel's evidence by the plain word match)", "D",
+        choices=("auto", "window", "fused")),
+    Key("rerank_fusion_weight", "float", 0.15, "rerank_score = fused: the weight of the "
+        "window score against the first-stage score", "D", min=0),
     Key("rerank_global", "str", "coarse", "re-ranking and QE verification of a query "
         "without a box (GS): paper (its whole map as the box: every window, pyramid_levels "
         "levels) or coarse (only the 7 windows covering at least half of a candidate, one "
         "level: the photo's layout is not the object's)", "D", choices=("paper", "coarse")),
-    Key("qe_select", "str", "verified", "which of the top qe_top results query expansion "
-        "averages: top (the paper: all of them) or verified (those whose best-window score "
-        "is at least qe_verify times the best of them)", "D", choices=("top", "verified")),
+    Key("qe_select", "str", "auto", "which of the top qe_top results query expansion "
+        "averages: top (the paper: all of them), verified (those whose best-window score "
+        "is at least qe_verify times the best of them) or auto (verified with kernel = bow, "
+        "top with kernel = asmk, whose expansion weighs the images by qe_alpha instead)",
+        "D", choices=("auto", "top", "verified")),
+    Key("qe_alpha", "float", 3.0, "kernel = asmk: query expansion weighs each image by "
+        "(its first-stage score / the best one's) ** qe_alpha (alpha-QE; 0: a plain "
+        "average)", "D", min=0),
     Key("qe_verify", "float", 0.8, "qe_select = verified: keep a top result whose "
         "best-window score is at least this fraction of the best one's (0: all)", "D",
         min=0, max=1),

@@ -20,7 +20,7 @@ from lib.index.encoding import database_vector
 from lib.search.expansion import gqe, lqe
 from lib.search.query_encoding import EncodedQuery
 from lib.search.rankings import rank_scores
-from lib.search.rerank import rerank
+from lib.search.rerank import fuse, rerank
 from lib.search.searcher import BowSearcher
 from lib.settings import load_settings
 
@@ -75,7 +75,8 @@ def _settings(**changes):
     s = {"rerank": False, "top": 12, "ar_threshold": 0.4, "pyramid_levels": 2,
          "query_expansion": "none", "qe_top": 6, "weighting": "centre_prior",
          "kernel": "bow", "rerank_weighting": "database", "rerank_global": "coarse",
-         "qe_select": "verified", "qe_verify": 0.8}
+         "qe_select": "verified", "qe_verify": 0.8, "rerank_score": "auto",
+         "rerank_fusion_weight": 0.15, "qe_alpha": 3.0}
     s.update(changes)
     return s
 
@@ -209,10 +210,78 @@ def test_defaults_and_the_paper_settings_files():
     paper's rule explicitly (Table 1 stays reproducible)."""
     s = load_settings(REPO / "settings" / "generic.json", check_paths=False)
     assert (s.rerank_weighting, s.rerank_global, s.qe_select, s.qe_verify) == (
-        "database", "coarse", "verified", 0.8)
+        "database", "coarse", "auto", 0.8)
+    assert (s.rerank_score, s.rerank_fusion_weight, s.qe_alpha) == ("auto", 0.15, 3.0)
     assert s.query_weighting == "centre_prior"
     for name in ("oxford5k", "paris6k", "oxford105k", "paris106k", "roxford5k",
                  "rparis6k", "roxford5k_r1m", "trecvid_subset"):
         s = load_settings(REPO / "settings" / f"{name}.json", check_paths=False)
-        assert (s.rerank_weighting, s.rerank_global, s.qe_select, s.query_weighting) == (
-            "counts", "paper", "top", "counts"), name
+        assert (s.rerank_weighting, s.rerank_global, s.qe_select, s.query_weighting,
+                s.rerank_score) == ("counts", "paper", "top", "counts", "window"), name
+
+
+@pytest.mark.parametrize("kernel, score, select", [("bow", "window", "verified"),
+                                                   ("asmk", "fused", "top")])
+def test_auto_rules_follow_the_kernel(kernel, score, select):
+    """``auto``: BoW windows order the top and verify the expansion after a BoW search;
+    after the selective kernel its own scores lead and its expansion weighs the images."""
+    _, maps = _data()
+    srch, _ = _searcher(maps, kernel=kernel, qe_select="auto")
+    assert (srch.rerank_score, srch.qe_select) == (score, select)
+    srch, _ = _searcher(maps, kernel=kernel, rerank_score="window", qe_select="verified")
+    assert (srch.rerank_score, srch.qe_select) == ("window", "verified")
+
+
+def test_fuse_divides_each_side_by_its_largest():
+    first = np.array([4.0, 2.0, 1.0, 0.0])
+    window = np.array([0.1, 0.5, 0.25, 0.0])
+    np.testing.assert_allclose(fuse(first, window, 0.5),
+                               [1.0 + 0.1, 0.5 + 0.5, 0.25 + 0.25, 0.0])
+    np.testing.assert_allclose(fuse(first, window, 0.0), first / 4)
+    # a side with nothing positive gives no evidence (no division by 0 or a negative)
+    np.testing.assert_allclose(fuse(np.zeros(3), np.array([0.2, 0.4, 0.0]), 2.0),
+                               [1.0, 2.0, 0.0])
+    np.testing.assert_allclose(fuse(np.array([-1.0, -2.0]), np.zeros(2), 1.0), [0.0, 0.0])
+    assert fuse(np.zeros(0), np.zeros(0), 1.0).size == 0
+    with pytest.raises(ValueError, match="weight"):
+        fuse(first, window, -1.0)
+    with pytest.raises(ValueError, match="scores"):
+        fuse(first, window[:3], 1.0)
+
+
+def test_fused_rerank_orders_the_top_by_both_scores():
+    """``rerank_score = fused``: the top is ordered by the first-stage score over the top
+    one's plus ``rerank_fusion_weight`` times the window score over the best one's; the
+    localisations (and their scores) are still the windows'."""
+    q, maps = _data(6)
+    cells = (4, 3, 12, 9)
+    srch, idx = _searcher(maps, rerank=True, rerank_score="fused", rerank_fusion_weight=0.6)
+    eq = _query(q, cells)
+    r = srch.rank(eq)
+    order0, s0 = idx.search(eq.vector)
+    top = order0[:12]
+    res = rerank(q, cells, [maps[srch.db_ids[i]] for i in top], K, weighting="centre_prior")
+    want = s0[top] / s0[top].max() + 0.6 * res.scores / res.scores.max()
+    np.testing.assert_array_equal(r.order[:12], top[np.lexsort((top, -want))])
+    win = top[np.lexsort((top, -res.scores))]
+    assert not np.array_equal(r.order[:12], win)  # the fusion is not the window order
+    assert not np.array_equal(r.order[:12], top)  # nor the first stage's
+    got = {loc["image"]: loc["score"] for loc in r.localisations}
+    for i, s in zip(top.tolist(), res.scores.tolist()):
+        assert got[srch.db_ids[i]] == pytest.approx(s, abs=1e-7)
+
+
+def test_fused_rerank_after_expansion_fuses_the_expanded_scores():
+    """After query expansion the re-ranked top is ordered by the expanded search's
+    scores fused with the same windows (the original query's box)."""
+    q, maps = _data(7)
+    cells = (4, 3, 12, 9)
+    srch, idx = _searcher(maps, rerank=True, rerank_score="fused", query_expansion="gqe",
+                          qe_select="top")
+    eq = _query(q, cells)
+    r = srch.rank(eq)
+    order2, s2 = idx.search(idx.queries[1])
+    top = order2[:12]
+    res = rerank(q, cells, [maps[srch.db_ids[i]] for i in top], K, weighting="centre_prior")
+    want = fuse(s2[top], res.scores, 0.15)
+    np.testing.assert_array_equal(r.order[:12], top[np.lexsort((top, -want))])

@@ -482,6 +482,31 @@ def rerank(query_words: np.ndarray, query_cells: tuple[int, int, int, int] | Non
     return RerankResult(scores, windows, vectors)
 
 
+def fuse(first: np.ndarray, window: np.ndarray, weight: float) -> np.ndarray:
+    """``first / max(first) + weight * window / max(window)`` over the re-ranked top
+    (``rerank_score = fused``): float64, one score per candidate.
+
+    Why divide: the first stage's scale depends on the kernel, the query and the index
+    (ASMK sums selectivities, BoW is a cosine), the window score is a cosine mix in
+    [0, 1]; dividing each by its largest makes ``weight`` mean the same thing for any
+    query. A side whose largest score is not positive contributes 0 (nothing to divide
+    by, and no evidence to order by)."""
+    f = np.asarray(first, np.float64)
+    w = np.asarray(window, np.float64)
+    if f.shape != w.shape or f.ndim != 1:
+        raise ValueError(f"first {f.shape} and window {w.shape} scores must be (T,)")
+    if not np.isfinite(weight) or weight < 0:
+        raise ValueError(f"weight must be finite and >= 0, got {weight}")
+    out = np.zeros(f.size)
+    if f.size == 0:
+        return out
+    if f.max() > 0:
+        out += f / f.max()
+    if w.max() > 0:
+        out += weight * (w / w.max())
+    return out
+
+
 def apply_rerank(order: np.ndarray, scores_top: np.ndarray) -> np.ndarray:
     """The ranking with its first ``len(scores_top)`` entries re-ordered by descending
     ``scores_top`` (ties by database index, the project's rule) and the rest unchanged."""

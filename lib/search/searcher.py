@@ -17,12 +17,12 @@ import numpy as np
 
 from lib.errors import SettingsError, UserError
 from lib.index.bow import SparseVec
-from lib.index.encoding import database_vector
+from lib.index.encoding import database_vector, weights_of_words
 from lib.search import expansion
 from lib.search.geometry import cells_to_box
 from lib.search.query_encoding import EncodedQuery
 from lib.search.rankings import rank_scores
-from lib.search.rerank import rerank
+from lib.search.rerank import fuse, rerank
 
 
 def ranking_scores(first_scores: np.ndarray, top_ids: np.ndarray | None = None,
@@ -70,6 +70,15 @@ class BowSearcher:
         self.n_words = int(index.n_words)
         self.db_ids: list[str] = list(index.image_ids)
         self._db_vec_cache: dict[int, SparseVec] = {}
+        # rerank_score = auto: the BoW windows order the top after a BoW search, and only
+        # break near-ties after the selective kernel (benchmarks/README.md, "Re-ranking
+        # with kernel = asmk")
+        self.rerank_score = settings["rerank_score"]
+        if self.rerank_score == "auto":
+            self.rerank_score = "fused" if settings["kernel"] == "asmk" else "window"
+        self.qe_select = settings["qe_select"]
+        if self.qe_select == "auto":
+            self.qe_select = "top" if settings["kernel"] == "asmk" else "verified"
         needs_store = settings["rerank"] or settings["query_expansion"] != "none"
         if needs_store and store is None:
             raise ValueError("re-ranking and query expansion need the assignment store")
@@ -85,10 +94,15 @@ class BowSearcher:
     def _rerank(self, eq: EncodedQuery, order: np.ndarray, scores: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray, list[dict], dict[int, SparseVec],
                            dict[int, float]]:
+        """Best windows of the top ``top`` and the ranking re-ordered by them
+        (``rerank_score``)."""
         top = order[: min(int(self.s["top"]), order.size)]
         words, sizes = self._maps(top)
         res = self._score_windows(eq, words)
-        final = ranking_scores(scores, top, res.scores)
+        order_by = res.scores
+        if self.rerank_score == "fused":
+            order_by = fuse(scores[top], res.scores, float(self.s["rerank_fusion_weight"]))
+        final = ranking_scores(scores, top, order_by)
         new_order = rank_scores(final)  # the ranking folders' rule: ties in database order
         pos = {int(i): j for j, i in enumerate(top.tolist())}
         locs = []
@@ -124,7 +138,7 @@ class BowSearcher:
         (``top``, the paper), or those of them whose best-window score is at least
         ``qe_verify`` times the best one's (``verified``). The window scores are the
         re-ranking's when it scored them, else they are computed for these few images."""
-        if self.s["qe_select"] == "top" or not tops:
+        if self.qe_select == "top" or not tops:
             return tops
         ratio = float(self.s["qe_verify"])
         if not 0.0 <= ratio <= 1.0:
@@ -176,24 +190,39 @@ class BowSearcher:
 
     def _asmk_expand(self, first: np.ndarray, tops: list[int]
                      ) -> tuple[np.ndarray, np.ndarray]:
-        """Query expansion in the kernel's own space: the mean of the query's scores and
-        the scores of each expansion image's stored signatures used as a query (with a
-        linear kernel, the average query; ASMK has no window signatures, so GQE and LQE
-        both expand with whole images)."""
-        total = np.asarray(first, np.float64).copy()
-        for i in tops:
+        """Query expansion in the kernel's own space: the weighted mean of the query's
+        scores and the scores of each expansion image's stored signatures used as a query
+        (with a linear kernel, the weighted average query; ASMK has no window signatures,
+        so GQE and LQE both expand with whole images). The query weighs 1, image ``i``
+        ``(first[i] / max first over tops) ** qe_alpha`` (alpha-QE): a plain mean lets
+        the weaker of the top images, often negatives when an object has few photos,
+        pull the new ranking as hard as the best ones. An expansion image's own score
+        leaves out its own vote."""
+        f = np.asarray(first, np.float64)
+        total = f.copy()
+        alpha = float(self.s["qe_alpha"])
+        ref = float(f[tops].max()) if tops else 0.0
+        wts = (np.clip(f[tops] / ref, 0.0, 1.0) ** alpha if ref > 0
+               else np.ones(len(tops)))
+        self_votes: dict[int, float] = {}
+        for i, wt in zip(tops, wts.tolist()):
             sig = self.store.get_signature(self.db_ids[i])
             if sig is None:
                 raise ValueError(f"image {self.db_ids[i]!r} has no ASMK signatures")
             uw, sg = sig[0].astype(np.int64), sig[1]
             weights = None
             if self.s["asmk_weighting"] == "bow":
-                idx, val = self._db_vector(i)
-                at = np.minimum(np.searchsorted(idx, uw), max(idx.size - 1, 0))
-                weights = np.where(idx[at] == uw, val[at], 0.0) if idx.size else \
-                    np.zeros(uw.size)
-            total += self._asmk_scores(uw, sg, weights)
-        s = (total / (1 + len(tops))).astype(np.float32)
+                weights = weights_of_words(self._db_vector(i), uw)
+            si = self._asmk_scores(uw, sg, weights)
+            total += wt * si
+            self_votes[i] = wt * float(si[i])
+        # leave one out: an expansion image does not vote for itself (its self-match
+        # would lift it far above everything else and flatten the rest of the top)
+        denom = np.full(f.size, 1.0 + float(wts.sum()))
+        for (i, v), wt in zip(self_votes.items(), wts.tolist()):
+            total[i] -= v
+            denom[i] -= wt
+        s = (total / denom).astype(np.float32)
         return rank_scores(s), s
 
     def rank(self, eq: EncodedQuery) -> Ranked:
