@@ -209,3 +209,24 @@ def test_finished_shards_are_not_redone(single: tuple[Path, dict[str, Any]], clu
     store = next((tmp_path / "run" / "features").glob("*.lmdb"))
     recs, _ = dump_lmdb(store)
     assert recs == expected[f"features/{store.name}"][0]
+
+
+def test_a_failed_merge_names_the_store(tmp_path: Path) -> None:
+    """A shard that cannot be written into the driver's store (here: opened read-only)
+    gives the one-line storage error naming which store, not "the store"."""
+    import lmdb
+
+    import lib.cluster.shards as sh
+    from lib.errors import UserError
+
+    lmdb.open(str(tmp_path / "asg"), map_size=1 << 20).close()
+    env = lmdb.open(str(tmp_path / "asg"), readonly=True, lock=False)
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "shard-00000.json").write_text(json.dumps(
+        {"ids": ["a"], "lengths": [3], "covers": ["a"]}), encoding="utf-8")
+    (job / "shard-00000.bin").write_bytes(b"xyz")
+    merger = sh._Merger(env, job, ["shard-00000"], empty=set(), what="assignment store")
+    with pytest.raises(UserError, match="cannot write the assignment store"):
+        merger.add(0, {})
+    env.close()

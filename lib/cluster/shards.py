@@ -405,8 +405,10 @@ class _Merger:
     """Merges finished shards into an LMDB environment in plan order (one transaction
     per shard), whatever order they finish in."""
 
-    def __init__(self, env: Any, job: Path, names: Sequence[str], empty: set[int]) -> None:
+    def __init__(self, env: Any, job: Path, names: Sequence[str], empty: set[int],
+                 what: str = "store") -> None:
         self.env = env
+        self.what = what  # names the store in a write error
         self.empty = empty
         self.job = job
         self.names = list(names)
@@ -437,7 +439,7 @@ class _Merger:
                 txn.put(k, v)
 
         if items:
-            write_growing(self.env, fill)
+            write_growing(self.env, fill, self.what)
         self.done.extend(rec["ids"])
         self.corrupt.update(rec.get("corrupt", {}))
         self.merge_s += time.perf_counter() - t0
@@ -445,11 +447,13 @@ class _Merger:
 
 def _run_shards(engine: Any, task: Callable[..., dict[str, Any]], env: Any, job: Path,
                 shards: Sequence[list[str]], args: Callable[[list[str], str], tuple[Any, ...]],
-                desc: str) -> tuple[_Merger, dict[str, Any]]:
-    """Submit the unfinished shards, merge every shard in order, return the merger and
-    the timings (wall, per-task overhead, merge time)."""
+                desc: str, what: str) -> tuple[_Merger, dict[str, Any]]:
+    """Submit the unfinished shards, merge every shard in order into the ``what`` (the
+    store's name in errors), return the merger and the timings (wall, per-task
+    overhead, merge time)."""
     names = [f"shard-{i:05d}" for i in range(len(shards))]
-    merger = _Merger(env, job, names, empty={i for i, s in enumerate(shards) if not s})
+    merger = _Merger(env, job, names, empty={i for i, s in enumerate(shards) if not s},
+                     what=what)
     pending = [i for i, s in enumerate(shards) if s and read_marker(job, names[i], s) is None]
     # shards finished by an earlier, interrupted run are merged, never recomputed
     reused = [i for i, s in enumerate(shards) if s and i not in set(pending)]
@@ -495,7 +499,7 @@ def extract_on_cluster(engine: Any, settings: Any, store: Any, image_ids: Sequen
     merger, timing = _run_shards(
         engine, _extract_shard, store.env, job, shards,
         lambda ids, name: (settings, ids, str(job), name, threads, dict(compute)),
-        "A: extracting (cluster)")
+        "A: extracting (cluster)", "feature store")
     for i, why in merger.corrupt.items():
         log.warning("skipped %s: %s", i, why)
     corrupt.update(merger.corrupt)
@@ -528,7 +532,7 @@ def assign_on_cluster(engine: Any, settings: Any, asg: Any, ids: Sequence[str],
     merger, timing = _run_shards(
         engine, _assign_shard, asg.env, job, shards,
         lambda s, name: (settings, s, str(job), name, threads, n_candidates, meta),
-        "C: assigning (cluster)")
+        "C: assigning (cluster)", "assignment store")
     remove_job(job)
     return {"assigned": len(merger.done), "cluster": timing}
 
@@ -566,7 +570,7 @@ def stream_on_cluster(engine: Any, settings: Any, ids: Sequence[str], pca: Any, 
         merger, timing = _run_shards(
             engine, _stream_shard, asg.env, job, shards,
             lambda s, name: (settings, s, str(job), name, threads, n_cand, meta),
-            "C: streaming distractors (cluster)")
+            "C: streaming distractors (cluster)", "assignment store")
         for i, why in merger.corrupt.items():
             log.warning("skipped %s: %s", i, why)
         corrupt.update(merger.corrupt)
