@@ -49,7 +49,7 @@ import json
 import os
 import struct
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +120,22 @@ def verify_crc(buf: bytes | memoryview, where: str, step: str) -> int:
     return n
 
 
+def payload_size(buf: bytes | memoryview, magic: bytes, current: Collection[bytes],
+                 old: Collection[bytes], where: str, step: str, require_checksum: bool
+                 ) -> int:
+    """The length of a record before its trailer, by its magic: a ``current`` magic's
+    CRC-32 verified (:func:`verify_crc`), an ``old`` magic's whole length (refused with
+    :func:`old_record` when ``require_checksum``), -1 for a magic of neither kind (the
+    caller names the record kind). Both stores' decoders dispatch through it."""
+    if magic in current:
+        return verify_crc(buf, where, step)
+    if magic in old:
+        if require_checksum:
+            raise old_record(where, magic, step)
+        return len(buf)
+    return -1
+
+
 def old_record(where: str, magic: bytes, step: str) -> UserError:
     """The refusal of an old-magic record in a store whose records all carry a trailer."""
     return UserError(f"{where} is corrupt: magic {magic!r} has no CRC-32 trailer, but every "
@@ -148,14 +164,7 @@ def decode_record(buf: bytes | memoryview, where: str = "record",
     if len(buf) < HEADER.size:
         raise UserError(f"{where}: value too short for a feature record")
     magic, code, n, _, h0, w0 = HEADER.unpack_from(buf, 0)
-    if magic == MAGIC:
-        end = verify_crc(buf, where, "A")
-    elif magic == MAGIC_V1:
-        if require_checksum:
-            raise old_record(where, magic, "A")
-        end = len(buf)
-    else:
-        end = -1
+    end = payload_size(buf, magic, (MAGIC,), (MAGIC_V1,), where, "A", require_checksum)
     if end < 0 or code not in DTYPES:
         raise UserError(f"{where}: not a feature record (magic {magic!r}, dtype {code})")
     dt = DTYPES[code]

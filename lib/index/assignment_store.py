@@ -44,9 +44,8 @@ from lib.features.feature_store import (
     CHECKSUM_KEY,
     TRAILER,
     checksum_marked,
-    old_record,
     open_env,
-    verify_crc,
+    payload_size,
     write_growing,
 )
 
@@ -103,14 +102,7 @@ def _check(buf: bytes | memoryview, what: str, require_checksum: bool
     if len(buf) < HEADER.size:
         raise UserError(f"{what}: truncated assignment record")
     magic, code, h, w, h0, w0 = HEADER.unpack_from(buf)
-    if magic in (MAGIC, MAGIC_SIG):
-        size = verify_crc(buf, what, "C")
-    elif magic in _OLD:
-        if require_checksum:
-            raise old_record(what, magic, "C")
-        size = len(buf)
-    else:
-        size = -1
+    size = payload_size(buf, magic, (MAGIC, MAGIC_SIG), _OLD, what, "C", require_checksum)
     if size < 0 or code not in _CODES:
         raise UserError(f"{what}: not an assignment record (magic {magic!r}, dtype {code})")
     layout = _OLD.get(magic, magic)
@@ -126,9 +118,15 @@ def decode(buf: bytes | memoryview, what: str, require_checksum: bool = False
     """(words (H, W), (H0, W0)) of one record, verified (see :func:`_check`);
     ``require_checksum`` (a store marked ``record_checksum``) refuses an old magic."""
     _, code, h, w, h0, w0, _ = _check(buf, what, require_checksum)
+    return _words_at(buf, code, h, w), (int(h0), int(w0))
+
+
+def _words_at(buf: bytes | memoryview, code: int, h: int, w: int) -> np.ndarray:
+    """The (H, W) word map of a checked record, copied out of the buffer in native
+    byte order."""
     dt = _CODES[code]
     words = np.frombuffer(buf, dt, count=h * w, offset=HEADER.size).reshape(h, w)
-    return words.astype(dt.newbyteorder("="), copy=True), (int(h0), int(w0))
+    return words.astype(dt.newbyteorder("="), copy=True)
 
 
 def _tail_size(buf: bytes | memoryview, size: int, end: int, magic: bytes, what: str) -> int:
@@ -153,10 +151,7 @@ def decode_both(buf: bytes | memoryview, what: str, require_checksum: bool = Fal
     """:func:`decode` and :func:`decode_signature` of one record with one verification
     (step C's ASMK pass with BoW weights reads both of every image)."""
     magic, code, h, w, h0, w0, end = _check(buf, what, require_checksum)
-    dt = _CODES[code]
-    words = np.frombuffer(buf, dt, count=h * w, offset=HEADER.size).reshape(h, w)
-    return (words.astype(dt.newbyteorder("="), copy=True), (int(h0), int(w0)),
-            _signature_at(buf, magic, end))
+    return _words_at(buf, code, h, w), (int(h0), int(w0)), _signature_at(buf, magic, end)
 
 
 def _signature_at(buf: bytes | memoryview, magic: bytes, end: int) -> Signature | None:
