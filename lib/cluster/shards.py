@@ -223,8 +223,9 @@ def _extractor(settings: Any) -> Any:
     return _CACHE[key]
 
 
-def _models(settings: Any) -> tuple[Any, Any]:
-    """PCA and codebook, loaded (and checked) once per worker process."""
+def _models(settings: Any, n_candidates: int | None = None) -> tuple[Any, Any]:
+    """PCA and codebook, loaded (and checked) once per worker process; ``n_candidates``
+    (the driver's tuned shortlist) is set on the codebook when given."""
     from lib.provenance import load_models, models_paths
 
     files = models_paths(settings)
@@ -232,7 +233,10 @@ def _models(settings: Any) -> tuple[Any, Any]:
         (str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in map(Path, files)]})
     if key not in _CACHE:
         _CACHE[key] = load_models(settings)
-    return _CACHE[key]
+    pca, cb = _CACHE[key]
+    if n_candidates is not None:
+        cb.n_candidates = int(n_candidates)
+    return pca, cb
 
 
 def _guard(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
@@ -301,9 +305,7 @@ def _assign_shard(settings: Any, todo: list[str], job: str, name: str,
     if (skipped := _already_done(jobp, name, todo, threads)) is not None:
         return skipped
     t0 = time.perf_counter()
-    pca, cb = _models(settings)
-    if n_candidates is not None:
-        cb.n_candidates = int(n_candidates)
+    pca, cb = _models(settings, n_candidates)
     store = FeatureStore(FeatureStore.path_for(settings))
     setup_s = time.perf_counter() - t0
     try:
@@ -350,9 +352,7 @@ def _stream_shard(settings: Any, todo: list[str], job: str, name: str,
         return skipped
     settings = _decode_settings(settings)
     t0 = time.perf_counter()
-    pca, cb = _models(settings)
-    if n_candidates is not None:
-        cb.n_candidates = int(n_candidates)
+    pca, cb = _models(settings, n_candidates)
     ext = _extractor(settings)
     setup_s = time.perf_counter() - t0
     corrupt: dict[str, str] = {}
