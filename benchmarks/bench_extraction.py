@@ -19,8 +19,22 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def extraction_settings(data: Path, gt: str, tmp: Path, name: str, **keys: Any) -> Any:
+    """Step A's settings for an image folder with a generic ground truth (the SMVS
+    layout), output in ``tmp``: written to ``tmp/<name>.json`` and loaded, so they are
+    validated like any settings file. ``keys``: the network, input and loader keys."""
+    from lib.settings import load_settings
+
+    cfg = {"dataset": "smvs_dvd", "gt_format": "generic", "path_images": str(data),
+           "path_gt": str(data / gt), "path_output": str(tmp / "run"), **keys}
+    path = tmp / f"{name}.json"
+    path.write_text(json.dumps(cfg))
+    return load_settings(path)
 
 
 def main() -> None:
@@ -47,22 +61,17 @@ def main() -> None:
     from lib.features.extraction import Extractor, run_extraction
     from lib.features.images import load_image, resize_image
     from lib.groundtruth.loader import image_path, load_ground_truth
-    from lib.settings import load_settings
-
     if args.threads:
         torch.set_num_threads(args.threads)
     data = args.data.resolve()
     tmp = Path(tempfile.mkdtemp(prefix="bench-a-"))
     try:
-        cfg = {"dataset": "smvs_dvd", "gt_format": "generic", "path_images": str(data),
-               "path_gt": str(data / args.gt), "path_output": str(tmp / "run"),
-               "network": args.network, "weights": args.weights,
-               "layers": args.layers.split(","),
-               "input_size": [int(v) for v in args.input_size.split(",")],
-               "batch_size": args.batch_size, "num_workers": args.workers,
-               "device": args.device, "precision": args.precision}
-        (tmp / "s.json").write_text(json.dumps(cfg))
-        s = load_settings(tmp / "s.json")
+        s = extraction_settings(
+            data, args.gt, tmp, "s", network=args.network, weights=args.weights,
+            layers=args.layers.split(","),
+            input_size=[int(v) for v in args.input_size.split(",")],
+            batch_size=args.batch_size, num_workers=args.workers, device=args.device,
+            precision=args.precision)
         ids = load_ground_truth(s).db_ids
         if args.limit:
             ids = ids[: args.limit]
