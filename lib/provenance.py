@@ -143,6 +143,8 @@ def assignment_record(settings: Mapping[str, Any], pca: PCAWhitening,
     if settings["kernel"] != "bow":  # BoW records stay as they were before kernels
         rec["kernel"] = settings["kernel"]
         rec["asmk_bits"] = asmk_bits(settings, codebook.dim)
+    if settings["keep_cells"] < 1.0:  # and as they were before keep_cells
+        rec["keep_cells"] = float(settings["keep_cells"])
     return rec
 
 
@@ -161,8 +163,9 @@ def check_assignment_record(expected: Mapping[str, Any], found: Mapping[str, Any
                             hint: str = "rerun step C with these settings") -> None:
     """Refuse assignment maps made with other features or models, naming the field."""
     check_provenance(expected["provenance"], found, what, hint)
-    # BoW records carry no kernel fields (they predate kernels): missing means bow
-    bow = {"kernel": "bow", "asmk_bits": None}
+    # BoW records carry no kernel fields (they predate kernels): missing means bow; and
+    # no keep_cells field unless it drops cells
+    bow = {"kernel": "bow", "asmk_bits": None, "keep_cells": 1.0}
     check_fields({**bow, **expected}, {**bow, **found}, ASSIGNMENT_FIELDS + tuple(bow), what,
                  hint)
 

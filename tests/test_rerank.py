@@ -214,8 +214,12 @@ def test_bad_inputs():
     q = np.zeros((4, 4), np.int64)
     with pytest.raises(ValueError):
         rerank(q, (0, 0, 5, 4), [q], 3)  # box outside the map
-    with pytest.raises(ValueError):
-        rerank(q, None, [np.full((4, 4), 3)], 3)  # word id out of range
+    with pytest.raises(ValueError, match="word ids"):
+        rerank(q, None, [np.full((4, 4), 4)], 3)  # word id out of range
+    with pytest.raises(ValueError, match="word ids"):
+        rerank(np.full((4, 4), 4), None, [q], 3)  # on the query side too
+    # id K is "no word" (a cell dropped by keep_cells): a map of nothing else scores 0
+    assert rerank(q, None, [np.full((4, 4), 3)], 3).scores.tolist() == [0.0]
     with pytest.raises(ValueError):
         rerank(q, None, [q], 3, levels=3)
     empty = rerank(q, None, [], 3)  # fewer results than `top`, down to none

@@ -318,7 +318,8 @@ def _assign_shard(settings: Any, todo: list[str], job: str, name: str,
                                     l2norm=settings["l2norm"], pca=pca)
         t1 = time.perf_counter()
         with _shard_values(jobp, name) as w:
-            assign_all(todo, reader, sizes, cb, _AssignSink(w, asg_meta))
+            assign_all(todo, reader, sizes, cb, _AssignSink(w, asg_meta),
+                       float(settings["keep_cells"]))
     finally:
         store.close()
     rec = _finish(jobp, name, todo, w, {"corrupt": {}, "setup_s": setup_s,

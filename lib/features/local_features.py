@@ -116,8 +116,20 @@ class LocalFeatureReader:
 
     def features_and_shape(self, image_id: str) -> tuple[np.ndarray, tuple[int, int]]:
         """((H*W, D) features, (H, W) of the map they come from)."""
+        f, hw, _ = self.features_shape_strength(image_id, strength=False)
+        return f, hw
+
+    def features_shape_strength(self, image_id: str, strength: bool = True
+                                ) -> tuple[np.ndarray, tuple[int, int], np.ndarray | None]:
+        """:meth:`features_and_shape` and, with ``strength``, each cell's activation
+        strength (H, W) (:func:`lib.index.encoding.cell_strength`, for ``keep_cells``)
+        from the same maps."""
+        from lib.index.encoding import cell_strength
+
         m = self.maps(image_id)
-        return maps_to_features(m, self.l2norm, self.pca), (int(m.shape[1]), int(m.shape[2]))
+        hw = (int(m.shape[1]), int(m.shape[2]))
+        return (maps_to_features(m, self.l2norm, self.pca), hw,
+                cell_strength(m) if strength else None)
 
     def features(self, image_id: str, n_samples: int | None = None,
                  rng: np.random.Generator | None = None) -> np.ndarray:

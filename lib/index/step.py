@@ -43,10 +43,9 @@ from tqdm import tqdm
 from lib.artefacts import library_versions, output_lock
 from lib.cluster.engine import LazyEngine
 from lib.errors import ArtefactMismatchError, UserError
-from lib.index.asmk import aggregate
 from lib.index.assignment_store import AssignmentStore
 from lib.index.bow import SparseVec
-from lib.index.encoding import database_vector, weights_of_words, word_dtype
+from lib.index.encoding import database_vector, weights_of_words, word_map_records
 from lib.pipeline import StepResult
 from lib.provenance import (
     assignment_record,
@@ -63,12 +62,14 @@ BATCH_IMAGES = 32  # images per assignment call and per LMDB transaction
 TUNE_FEATURES = 10000  # features used to tune (and report) approximate agreement
 
 
-def _features(reader: Any, sizes: dict[str, tuple[int, int]], image_id: str
-              ) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
-    """(L2-PCA-L2 features (H*W, d), map (H, W), original (H0, W0)) of one image."""
-    feats, hw = reader.features_and_shape(image_id)
+def _features(reader: Any, sizes: dict[str, tuple[int, int]], image_id: str,
+              strength: bool = False
+              ) -> tuple[np.ndarray, tuple[int, int], np.ndarray | None, tuple[int, int]]:
+    """(L2-PCA-L2 features (H*W, d), map (H, W), cell strength (H, W) when asked (for
+    ``keep_cells``) else None, original (H0, W0)) of one image."""
+    feats, hw, st = reader.features_shape_strength(image_id, strength)
     h0, w0 = sizes[image_id]
-    return np.asarray(feats, np.float32), (int(hw[0]), int(hw[1])), (int(h0), int(w0))
+    return np.asarray(feats, np.float32), (int(hw[0]), int(hw[1])), st, (int(h0), int(w0))
 
 
 def tune_sample(reader: Any, sizes: dict[str, tuple[int, int]], ids: list[str],
@@ -106,27 +107,17 @@ def open_assignments(path: Path, expected: dict[str, Any]) -> AssignmentStore:
 
 
 def assign_all(todo: list[str], reader: Any, sizes: dict[str, tuple[int, int]],
-               cb: Codebook, out: AssignmentStore) -> int:
-    """Assign ``todo`` in batches (one codebook call and one transaction per batch)."""
-    dt = word_dtype(cb.k)
+               cb: Codebook, out: AssignmentStore, keep_cells: float = 1.0) -> int:
+    """Assign ``todo`` in batches (one codebook call and one transaction per batch);
+    ``keep_cells`` < 1 drops each image's weaker cells (``word_map_records``)."""
     n_bits = out.meta.get("asmk_bits")  # kernel = asmk: signatures go with the maps
     done = 0
     with tqdm(total=len(todo), desc="assigning", unit="img", mininterval=2.0,
               disable=None, leave=False) as bar:
         for s in range(0, len(todo), BATCH_IMAGES):
-            batch = [(i, *_features(reader, sizes, i)) for i in todo[s:s + BATCH_IMAGES]]
-            words = cb.assign(np.concatenate([b[1] for b in batch]))
-            records, o = [], 0
-            for image_id, feats, hw, orig in batch:
-                n = hw[0] * hw[1]
-                if len(feats) != n:
-                    raise UserError(f"image '{image_id}': {len(feats)} local features for a "
-                                    f"{hw[0]}x{hw[1]} map")
-                w = words[o:o + n]
-                sig = None if n_bits is None else aggregate(feats, w, cb.centroids, n_bits)
-                records.append((image_id, w.reshape(hw).astype(dt), orig, sig))
-                o += n
-            out.put_many(records)
+            batch = [(i, *_features(reader, sizes, i, keep_cells < 1.0))
+                     for i in todo[s:s + BATCH_IMAGES]]
+            out.put_many(word_map_records(batch, cb, keep_cells, n_bits))
             done += len(batch)
             bar.update(len(batch))
     return done
@@ -255,7 +246,8 @@ def build_index(settings: Settings) -> StepResult:
                 n_new = assign_on_cluster(engine.get(), s, asg, [i for i in db_ids if i in sizes],
                                           todo, cb.n_candidates)["assigned"]
             else:
-                n_new = assign_all(todo, reader, sizes, cb, asg) if todo else 0
+                n_new = (assign_all(todo, reader, sizes, cb, asg, float(s.keep_cells))
+                         if todo else 0)
             present = [i for i in db_ids if i in asg]
             asg.set_meta({**asg.meta, "count": len(asg)})
 

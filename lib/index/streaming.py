@@ -33,11 +33,10 @@ from typing import Any
 import numpy as np
 
 from lib.errors import UserError
-from lib.index.asmk import aggregate
 from lib.index.assignment_store import HEADER as ASG_HEADER
 from lib.index.assignment_store import META_KEY as ASG_META_KEY
 from lib.index.assignment_store import AssignmentStore
-from lib.index.encoding import word_dtype
+from lib.index.encoding import word_map_records
 from lib.provenance import assignment_record, check_assignment_record
 from lib.vocabulary.codebook import Codebook
 from lib.vocabulary.pca import PCAWhitening
@@ -95,7 +94,7 @@ class AssigningSink:
                                          l2norm=bool(settings["l2norm"]), pca=pca)
         self.codebook = codebook
         self.store = store
-        self.dt = word_dtype(codebook.k)
+        self.keep_cells = float(settings["keep_cells"])
         self.assign_s = 0.0
         self.n_written = 0
 
@@ -103,22 +102,13 @@ class AssigningSink:
         if not records:
             return
         t0 = time.perf_counter()
-        feats, shapes = [], []
+        batch = []
         for image_id, maps, size in records:
             self.mem.put(image_id, maps, size)
-            f, hw = self.reader.features_and_shape(image_id)
-            feats.append(f)
-            shapes.append(hw)
-        words = self.codebook.assign(np.concatenate(feats))
+            f, hw, st = self.reader.features_shape_strength(image_id, self.keep_cells < 1.0)
+            batch.append((image_id, f, hw, st, self.mem.maps[image_id][1]))
         n_bits = self.store.meta.get("asmk_bits")  # kernel = asmk: signatures too
-        out, o = [], 0
-        for (image_id, _, _), hw, f in zip(records, shapes, feats):
-            n = hw[0] * hw[1]
-            w = words[o:o + n]
-            sig = None if n_bits is None else aggregate(f, w, self.codebook.centroids, n_bits)
-            out.append((image_id, w.reshape(hw).astype(self.dt), self.mem.maps[image_id][1],
-                        sig))
-            o += n
+        out = word_map_records(batch, self.codebook, self.keep_cells, n_bits)
         self.mem.maps.clear()
         self.store.put_many(out)
         self.n_written += len(out)

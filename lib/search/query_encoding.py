@@ -43,7 +43,7 @@ from lib.groundtruth.loader import image_path
 from lib.index.asmk import aggregate, centroid_index, query_words
 from lib.index.assignment_store import AssignmentStore
 from lib.index.bow import SparseVec, bow_vector, centre_prior
-from lib.index.encoding import word_dtype, words_from_maps
+from lib.index.encoding import map_dtype, words_from_maps
 from lib.provenance import asmk_bits, assignment_record, load_models
 from lib.search.augmentation import (
     Variant,
@@ -65,7 +65,8 @@ def query_vector(words: Sequence[np.ndarray], weights: Sequence[np.ndarray | Non
                  n_words: int) -> SparseVec:
     """L2-normalised query BoW from the word maps of the views and their cell weights
     (``None`` = every cell with weight 1; binary weights = counts of the selected words,
-    soft weights = per word the sum of its weights)."""
+    soft weights = per word the sum of its weights). Cells holding ``n_words`` (dropped
+    by ``keep_cells``) add nothing."""
     if len(words) != len(weights):
         raise ValueError("one weight map (or None) per word map")
     ws, vs = [], []
@@ -75,7 +76,7 @@ def query_vector(words: Sequence[np.ndarray], weights: Sequence[np.ndarray | Non
             wt = np.ones(wd.shape, np.float32)
         elif wt.shape != wd.shape:
             raise ValueError(f"weights {wt.shape} do not match the word map {wd.shape}")
-        keep = np.asarray(wt) > 0
+        keep = (np.asarray(wt) > 0) & (wd != n_words)
         ws.append(wd[keep].astype(np.int64))
         vs.append(np.asarray(wt, np.float64)[keep])
     if not ws:
@@ -251,12 +252,13 @@ class QueryEncoder:
         maps = combined_maps(self.load_network().extract(img), list(self.s["layers"]),
                              self.s["new_dim"])
         t1 = time.perf_counter()
-        words = words_from_maps(maps, self.pca, self.codebook, bool(self.s["l2norm"]))
+        words = words_from_maps(maps, self.pca, self.codebook, bool(self.s["l2norm"]),
+                                float(self.s["keep_cells"]))
         if timings is not None:  # network vs PCA + nearest word, for the query service
             timings["extract"] = timings.get("extract", 0.0) + (t1 - t0) * 1000.0
             timings["assign"] = timings.get("assign", 0.0) + \
                 (time.perf_counter() - t1) * 1000.0
-        return words.astype(word_dtype(self.n_words))
+        return words.astype(map_dtype(self.n_words, float(self.s["keep_cells"])))
 
     def image_words(self, img: Image.Image, image_id: str | None = None,
                     timings: dict[str, float] | None = None

@@ -243,7 +243,8 @@ def _entries(words: np.ndarray, blk: np.ndarray,
     cells are laid out map by map in block order, then one stable radix argsort on the
     word ids (16 bits for K <= 65,536) makes every (word, map) group contiguous with its
     cells in block order. ``cnt`` is the number of cells of each entry, or with
-    ``cell_weights`` ((n,), the same for every map) the sum of their weights."""
+    ``cell_weights`` ((n,), the same for every map, or (T, n), one row per map) the sum
+    of their weights."""
     n = words.shape[1]
     perm = np.argsort(blk, kind="stable")
     bsorted = blk[perm].astype(np.int32)
@@ -260,7 +261,8 @@ def _entries(words: np.ndarray, blk: np.ndarray,
     if cell_weights is None:
         cnt = np.diff(np.r_[es, o.size]).astype(np.float64)
     else:
-        wts = np.asarray(cell_weights, np.float64)[perm][o % n]
+        cw = np.asarray(cell_weights, np.float64)
+        wts = cw[perm][o % n] if cw.ndim == 1 else cw[:, perm].ravel()[o]
         cnt = np.add.reduceat(wts, es) if es.size else np.zeros(0)
     ge = np.cumsum(newg)[es] - 1
     gs = np.flatnonzero(np.r_[True, ge[1:] != ge[:-1]])
@@ -339,16 +341,22 @@ def _window_vectors(en: _Entries, T: int, best: np.ndarray) -> list[SparseVec]:
     return [(wid[a:b], val[a:b]) for a, b in itertools.pairwise(bounds.tolist())]
 
 
-def _prepare(words: np.ndarray, weighting: str = "counts") -> tuple[_Entries, int]:
+def _prepare(words: np.ndarray, weighting: str = "counts", n_words: int | None = None
+             ) -> tuple[_Entries, int]:
     """Entries of T maps of one shape (T, h, w); ``weighting`` = counts (the paper's
-    window BoW) or centre_prior (each cell weighted as in the database vector)."""
+    window BoW) or centre_prior (each cell weighted as in the database vector). Cells
+    holding ``n_words`` (no word: dropped by ``keep_cells``) weigh 0: their entries
+    add nothing to any window's dot product or norm."""
     T, h, w = words.shape
     rb, cb = lattice(h), lattice(w)
     rblk = np.searchsorted(rb, np.arange(h), side="right") - 1
     cblk = np.searchsorted(cb, np.arange(w), side="right") - 1
     blk = (rblk[:, None] * LATTICE + cblk[None, :]).ravel()
+    flat = words.reshape(T, h * w).astype(np.int64, copy=False)
     cw = None if weighting == "counts" else centre_prior(h, w).ravel()
-    return _entries(words.reshape(T, h * w).astype(np.int64, copy=False), blk, cw), T
+    if n_words is not None and (dropped := flat == n_words).any():
+        cw = (np.ones(h * w) if cw is None else cw)[None, :] * ~dropped
+    return _entries(flat, blk, cw), T
 
 
 def _all_scores(en: _Entries, T: int, qdense: np.ndarray, qnorm: np.ndarray,
@@ -386,26 +394,30 @@ def _all_scores(en: _Entries, T: int, qdense: np.ndarray, qnorm: np.ndarray,
 def _query_side(query_words: np.ndarray, query_cells: tuple[int, int, int, int] | None,
                 n_words: int, levels: int, weighting: str = "counts"
                 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """Dense histograms (nq, K) of the query box (and its quadrants), their norms and the
-    box's aspect ratio (width / height in query map cells). ``counts``: each cell counts
-    1; ``centre_prior``: each cell of the box counts its weight in the centre prior of
-    the box itself (the whole map without a box), and the quadrants keep those weights."""
+    """Dense histograms (nq, K + 1) of the query box (and its quadrants), their norms and
+    the box's aspect ratio (width / height in query map cells). ``counts``: each cell
+    counts 1; ``centre_prior``: each cell of the box counts its weight in the centre
+    prior of the box itself (the whole map without a box), and the quadrants keep those
+    weights. Column K, the "no word" of cells dropped by ``keep_cells`` (on either
+    side), is always 0."""
     _check_weighting(weighting)
     qw = np.asarray(query_words)
     if qw.ndim != 2:
         raise ValueError(f"query_words must be an (h, w) map, got shape {qw.shape}")
-    if qw.size and (qw.min() < 0 or qw.max() >= n_words):
-        raise ValueError(f"query word ids must lie in [0, {n_words})")
+    if qw.size and (qw.min() < 0 or qw.max() > n_words):
+        raise ValueError(f"query word ids must lie in [0, {n_words}) or be {n_words} "
+                         "(no word)")
     regions = _query_regions(qw.shape[0], qw.shape[1], query_cells, levels)
     b0, d0, b1, d1 = regions[0]
     cell_w = np.zeros(qw.shape, np.float64)
     cell_w[b0:b1, d0:d1] = 1.0 if weighting == "counts" else centre_prior(b1 - b0, d1 - d0)
-    qdense = np.zeros((len(regions), n_words), np.float64)
+    cell_w[qw == n_words] = 0.0
+    qdense = np.zeros((len(regions), n_words + 1), np.float64)
     for k, (r0, c0, r1, c1) in enumerate(regions):
         sub = qw[r0:r1, c0:c1].ravel().astype(np.int64)
         if sub.size:
             qdense[k] = np.bincount(sub, weights=cell_w[r0:r1, c0:c1].ravel(),
-                                    minlength=n_words)
+                                    minlength=n_words + 1)
     return qdense, np.sqrt((qdense * qdense).sum(axis=1)), (d1 - d0) / (b1 - b0)
 
 
@@ -425,7 +437,7 @@ def window_scores(query_words: np.ndarray, query_cells: tuple[int, int, int, int
     0). For inspection and tests; :func:`rerank` is the batched path."""
     qdense, qnorm, _ = _query_side(query_words, query_cells, n_words, levels, weighting)
     m = np.asarray(candidate)
-    en, T = _prepare(m[None], weighting)
+    en, T = _prepare(m[None], weighting, n_words)
     return _cell_windows(*m.shape), _all_scores(en, T, qdense, qnorm, levels)[0]
 
 
@@ -462,11 +474,12 @@ def rerank(query_words: np.ndarray, query_cells: tuple[int, int, int, int] | Non
               for k in range(0, len(ids), CHUNK)]
     for (h, w), ids in chunks:
         stack = np.stack([maps[i] for i in ids])
-        if stack.min() < 0 or stack.max() >= n_words:
-            bad = ids[int(np.argmax((stack < 0).any(axis=(1, 2)) | (stack >= n_words).any(
+        if stack.min() < 0 or stack.max() > n_words:
+            bad = ids[int(np.argmax((stack < 0).any(axis=(1, 2)) | (stack > n_words).any(
                 axis=(1, 2))))]
-            raise ValueError(f"candidate {bad}: word ids must lie in [0, {n_words})")
-        en, n = _prepare(stack, weighting)
+            raise ValueError(f"candidate {bad}: word ids must lie in [0, {n_words}) or be "
+                             f"{n_words} (no word)")
+        en, n = _prepare(stack, weighting, n_words)
         score = _all_scores(en, n, qdense, qnorm, levels)
         keep = ar_mask(_cell_windows(h, w), ar_query, ar_threshold)
         if window_set == "large":
