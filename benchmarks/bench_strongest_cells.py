@@ -33,7 +33,7 @@ from lib.features.local_features import LocalFeatureReader
 from lib.groundtruth.loader import load_ground_truth
 from lib.index.assignment_store import AssignmentStore
 from lib.index.bow import bow_vector, centre_prior
-from lib.index.encoding import database_vector
+from lib.index.encoding import cell_strength, database_vector, strongest_cells
 from lib.index.inverted_file import InvertedFile
 from lib.search.query_encoding import QueryEncoder, query_vector
 from lib.search.rankings import Rankings
@@ -59,8 +59,7 @@ def cell_norms(s, ids, words):
                                 layers=list(s["layers"]))
     out = {}
     for i in ids:
-        m = reader.maps(i)  # (C, H, W) float32, upsampled like step C's
-        n = np.sqrt(np.sum(np.square(m, dtype=np.float64), axis=0)).astype(np.float32)
+        n = cell_strength(reader.maps(i))  # on the maps upsampled like step C's
         if n.shape != words[i].shape:
             raise SystemExit(f"{i}: norm map {n.shape} vs word map {words[i].shape}")
         out[i] = n
@@ -72,12 +71,11 @@ def cell_weights(words, norm, prior: bool, frac: float, soft: float, rand: bool 
     h, w = words.shape
     wt = centre_prior(h, w).astype(np.float64) if prior else np.ones((h, w))
     if frac < 1.0:
-        k = max(1, round(frac * norm.size))
+        rank_by = norm
         if rand:  # control: the same number of cells kept at random
-            norm = np.random.default_rng(norm.size + int(norm.sum() * 1000) % 9973
-                                         ).random(norm.shape)
-        thr = np.partition(norm.ravel(), norm.size - k)[norm.size - k]
-        wt = wt * (norm >= thr)
+            rank_by = np.random.default_rng(norm.size + int(norm.sum() * 1000) % 9973
+                                            ).random(norm.shape)
+        wt = wt * strongest_cells(rank_by, frac)  # step C's rule (keep_cells)
     if soft:
         wt = wt * np.power(norm.astype(np.float64), soft)
     return wt

@@ -230,3 +230,33 @@ def test_a_failed_merge_names_the_store(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="cannot write the assignment store"):
         merger.add(0, {})
     env.close()
+
+
+def test_keep_cells_on_the_cluster(single: tuple[Path, dict[str, Any]], cluster: Any,
+                                   tmp_path: Path) -> None:
+    """keep_cells with streamed distractors: the cluster's shards write the single
+    process's word maps (weaker cells marked "no word", database images and streamed
+    distractors alike) and index, byte for byte."""
+    from lib.index.assignment_store import AssignmentStore
+
+    s, _ = single
+    run = s.parent / "run"
+    over = [f"path_models={run / 'models'}", f"path_features={run / 'features'}",
+            "stream_distractors=true", "TRAIN_PCA=false", "TRAIN_CENTROIDS=false",
+            "keep_cells=0.6"]
+    call_step("C", s, f"path_output={tmp_path / 'one'}", *over)
+    call_step("C", s, f"path_output={tmp_path / 'two'}", *over,
+              f"cluster={cluster.scheduler.address}", "shard_size=2")
+    one, _ = dump_lmdb(tmp_path / "one" / "assignments.lmdb")
+    two, _ = dump_lmdb(tmp_path / "two" / "assignments.lmdb")
+    assert one == two
+    for k, v in files_of(tmp_path / "one" / "index").items():
+        if k != "meta.json":
+            assert v == (tmp_path / "two" / "index" / k).read_bytes(), k
+    with AssignmentStore(tmp_path / "one" / "assignments.lmdb") as a:
+        K = int(a.meta["n_centers"])
+        names = a.ids()
+        dropped = {i: int((a.get(i)[0] == K).sum()) for i in names}
+    streamed = [n for n in names if n.rsplit("/", 1)[-1].startswith("d_")]
+    assert len(streamed) == len(DISTRACTORS)
+    assert all(d > 0 for d in dropped.values()), dropped
