@@ -211,7 +211,9 @@ def test_defaults_and_the_paper_settings_files():
     s = load_settings(REPO / "settings" / "generic.json", check_paths=False)
     assert (s.rerank_weighting, s.rerank_global, s.qe_select, s.qe_verify) == (
         "database", "coarse", "auto", 0.8)
-    assert (s.rerank_score, s.rerank_fusion_weight, s.qe_alpha) == ("auto", 0.15, 3.0)
+    # generic.json keeps the strongest cells, whose first stage leads the re-ranking
+    assert (s.keep_cells, s.rerank_score, s.rerank_fusion_weight, s.qe_alpha) == (
+        0.75, "fused", 0.15, 3.0)
     assert s.query_weighting == "centre_prior"
     for name in ("oxford5k", "paris6k", "oxford105k", "paris106k", "roxford5k",
                  "rparis6k", "roxford5k_r1m", "trecvid_subset"):
