@@ -161,7 +161,7 @@ SCHEMA: tuple[Key, ...] = (
     Key("keep_cells", "float", 1.0, "the fraction of each image's cells that keep their "
         "word, the strongest by the L2 norm of their raw feature (1: every cell, the "
         "paper); the others hold no word in the assignment maps, so the database and "
-        "query vectors, re-ranking and expansion all skip them (kernel = bow only)", "C",
+        "query vectors, the ASMK signatures, re-ranking and expansion all skip them)", "C",
         min=0, max=1),
     Key("kernel", "str", "bow", "match kernel: bow (the paper: weighted word histograms) or "
         "asmk (aggregated selective match kernel: per image and word, the sign bits of the "
@@ -514,9 +514,6 @@ def _cross_checks(v: dict[str, Any], source: Path) -> None:
     if v["keep_cells"] <= 0:
         raise SettingsError(f"{source}: key 'keep_cells': must be > 0 (a fraction of the "
                             "cells; 1 keeps them all)")
-    if v["keep_cells"] < 1 and v["kernel"] != "bow":
-        raise SettingsError(f"{source}: key 'keep_cells': {v['keep_cells']} needs kernel = "
-                            "bow (the ASMK signatures aggregate every cell)")
     if v["n_centers"] != "auto" and v["n_centers"] < 1:
         raise SettingsError(f"{source}: key 'n_centers': must be >= 1")
     if v["new_dim"] is not None and v["new_dim"][0] < v["new_dim"][1]:

@@ -113,8 +113,7 @@ def test_settings_checks(tmp_path: Path):
         load(s, "keep_cells=0")
     with pytest.raises(SettingsError, match="keep_cells"):
         load(s, "keep_cells=1.5")
-    with pytest.raises(SettingsError, match="keep_cells.*kernel = bow"):
-        load(s, "keep_cells=0.5", "kernel=asmk")
+    assert load(s, "keep_cells=0.5", "kernel=asmk")["keep_cells"] == 0.5
 
 
 def test_pipeline_with_keep_cells(tmp_path: Path):
@@ -156,3 +155,60 @@ def test_pipeline_with_keep_cells(tmp_path: Path):
     for q in vecs[:5]:
         want = [float(to_dense(q, K) @ to_dense(v, K)) for v in vecs]
         np.testing.assert_allclose(index.scores(q), want, atol=1e-4)  # stored as uint16
+
+
+def test_kernel_signatures_aggregate_only_the_kept_cells(tmp_path: Path):
+    """kernel = asmk with keep_cells: each database image's signatures aggregate the
+    residuals of the cells that keep their word (recomputed here from step A's features),
+    the query's those of its box cells that keep theirs, and step D scores with them."""
+    from lib.features.feature_store import FeatureStore
+    from lib.features.local_features import LocalFeatureReader
+    from lib.groundtruth.loader import load_ground_truth
+    from lib.index import asmk
+    from lib.index.inverted_file import InvertedFile
+    from lib.provenance import load_models
+    from lib.search.query_encoding import QueryEncoder
+
+    s = make_dataset(tmp_path, kernel="asmk", pca_dim=12, n_centers=6, new_dim=[6, 4],
+                     keep_cells=0.5)
+    run_pipeline(s)
+    st = load(s)
+    pca, cb = load_models(st)
+    images, full = [], []
+    with FeatureStore(FeatureStore.path_for(st)) as fs:
+        feats = LocalFeatureReader(fs, list(st.new_dim), l2norm=True, pca=pca)
+        raw = LocalFeatureReader(fs, list(st.new_dim), l2norm=False, pca=None,
+                                 layers=list(st["layers"]))
+        index = InvertedFile.load(Path(st["path_output"]) / "index")
+        for i in index.image_ids:
+            f = np.asarray(feats.features(i), np.float32)
+            keep = strongest_cells(cell_strength(raw.maps(i)), 0.5).ravel()
+            assert 0 < keep.sum() < keep.size
+            images.append(asmk.aggregate(f[keep], cb.assign(f[keep]), cb.centroids))
+            full.append(asmk.aggregate(f, cb.assign(f), cb.centroids))
+    offsets, docs, sigs, weights = asmk.build_postings(images, 6)
+    np.testing.assert_array_equal(index.asmk_offsets, offsets)
+    np.testing.assert_array_equal(index.asmk_docs, docs)
+    np.testing.assert_array_equal(index.asmk_signatures, sigs)
+    np.testing.assert_array_equal(index.asmk_weights, weights)
+    assert any(not np.array_equal(a[1], b[1]) or not np.array_equal(a[0], b[0])
+               for a, b in zip(images, full))
+    scores = np.load(Path(st["path_output"]) / "bow" / "scores.npy")
+    enc = QueryEncoder(st)
+    try:
+        for qi, q in enumerate(load_ground_truth(st).queries):
+            eq = enc.encode(q)
+            sel = ((eq.weights[0] > 0) & (eq.words[0] != cb.k)).ravel()
+            assert 0 < sel.sum() < (eq.weights[0] > 0).sum()
+            f, _ = enc._features(q.image)
+            fq = f[sel]
+            want = asmk.aggregate(fq, asmk.query_words(asmk.centroid_index(cb.centroids),
+                                                       fq, int(st["query_ma"])), cb.centroids)
+            np.testing.assert_array_equal(eq.asmk[0], want[0])
+            np.testing.assert_array_equal(eq.asmk[1], want[1])
+            ref = asmk.score_postings(want[0], want[1], offsets, docs, sigs, weights,
+                                      len(images), alpha=3.0, tau=0.0, n_bits=12,
+                                      per_doc=False)
+            np.testing.assert_allclose(scores[qi], ref, rtol=1e-6, atol=1e-7)
+    finally:
+        enc.close()

@@ -133,7 +133,8 @@ def word_map_records(batch: Sequence[tuple[str, np.ndarray, tuple[int, int], np.
     :func:`map_dtype`, original size, ASMK signature or None): step C's assignment,
     streamed distractors and the cluster's shards all write these. ``keep_cells`` < 1
     drops each image's weaker cells (:func:`drop_weak_cells`); ``asmk_bits`` (kernel =
-    asmk) aggregates every cell's residual into the signatures."""
+    asmk) aggregates the residuals of the cells that keep their word into the
+    signatures."""
     from lib.index.asmk import aggregate
 
     dt = map_dtype(codebook.k, keep_cells)
@@ -144,13 +145,15 @@ def word_map_records(batch: Sequence[tuple[str, np.ndarray, tuple[int, int], np.
         if len(feats) != n:
             raise UserError(f"image '{image_id}': {len(feats)} local features for a "
                             f"{hw[0]}x{hw[1]} map")
-        w = words[o:o + n]
-        sig = None if asmk_bits is None else aggregate(feats, w, codebook.centroids, asmk_bits)
-        wm = w.reshape(hw)
+        wm = words[o:o + n].reshape(hw)
         if keep_cells < 1.0:
             if strength is None:
                 raise ValueError(f"image '{image_id}': keep_cells needs the cell strength")
             wm = drop_weak_cells(wm, strength, keep_cells, codebook.k)
+        sig = None
+        if asmk_bits is not None:
+            kept = wm.ravel() != codebook.k
+            sig = aggregate(feats[kept], wm.ravel()[kept], codebook.centroids, asmk_bits)
         out.append((image_id, wm.astype(dt), orig, sig))
         o += n
     return out

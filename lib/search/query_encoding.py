@@ -385,6 +385,9 @@ class QueryEncoder:
             # weighted kernel takes the cell weights too (centre prior without a box)
             keep = weights[0] if (mode != 0 and region) or \
                 self.s["asmk_weighting"] == "bow" else None
+            if float(self.s["keep_cells"]) < 1.0:  # the cells step C aggregated: kept ones
+                kept = np.asarray(words[0]) != self.n_words
+                keep = kept if keep is None else np.where(kept, keep, 0)
             asmk = self.asmk_signature(image, keep, words[0].shape, img=img)
         t3 = time.perf_counter()
         return EncodedQuery(name, name if image is None else image, hw,
@@ -428,7 +431,7 @@ class QueryEncoder:
                        map_hw: tuple[int, int], img: Image.Image | None = None
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """The query's ASMK signatures: its features inside the query region (cells with a
-        positive mask weight; all without a box) assigned to their ``query_ma`` nearest
+        positive weight in ``weights``; all when it is None) assigned to their ``query_ma`` nearest
         words, residuals summed per word and binarised; with ``asmk_weighting = bow``
         also each word's weight, the sum of the cell weights of the features assigned to
         it (counts without a box), L2-normalised, as the query's BoW vector weighs it."""
