@@ -36,7 +36,7 @@ STEPS = ("A", "B", "C", "D", "E")
 @dataclass(frozen=True)
 class Key:
     name: str
-    type: str  # str | int | float | bool | path | list[int] | list[str]
+    type: str  # str | int | float | bool | path | list[int] | list[float] | list[str]
     default: Any
     doc: str
     step: str = "A"  # first step whose output depends on this key ("-" = none)
@@ -91,6 +91,12 @@ SCHEMA: tuple[Key, ...] = (
         "concatenated along channels by the reader)", "A"),
     Key("input_size", "list[int]", [336, 256], "network input H, W for portrait images "
         "(landscape and square images use W, H)", "A", length=2, min=32, max=2048),
+    Key("scales", "list[float]", [1.0], "image scales the network sees, as factors of "
+        "input_size (and max_side, new_dim); the first must be 1: it is the map that step B "
+        "trains on and that re-ranking and localisation use; every other scale adds its "
+        "words to the image's vector, each scale's L2-normalised BoW weighted by the scale "
+        "squared (docs/step_a.md#multi-scale; kernel = bow, no streaming or cluster)", "A",
+        min=0.25, max=2.0),
     Key("resize", "str", "fixed", "fixed: anisotropic resize to input_size (the paper); "
         "max_side: keep aspect ratio, longer side = max_side; none: original size", "A",
         choices=("fixed", "max_side", "none")),
@@ -369,9 +375,13 @@ def _check_type(k: Key, v: Any, source: Path | str, to_path) -> Any:
         inner = t[5:-1]
         if not isinstance(v, (list, tuple)):
             raise bad(f"expected a list of {inner}, got {v!r}")
-        ok = int if inner == "int" else str
+        ok = {"int": int, "float": (int, float)}.get(inner, str)
         if not all(isinstance(x, ok) and not isinstance(x, bool) for x in v):
             raise bad(f"expected a list of {inner}, got {v!r}")
+        if inner == "float":
+            v = [float(x) for x in v]
+            if not all(math.isfinite(x) for x in v):
+                raise bad(f"expected finite numbers, got {v!r}")
         if k.length is not None and len(v) != k.length:
             raise bad(f"expected {k.length} values, got {len(v)}")
         if not v:
@@ -514,6 +524,18 @@ def _cross_checks(v: dict[str, Any], source: Path) -> None:
     if v["keep_cells"] <= 0:
         raise SettingsError(f"{source}: key 'keep_cells': must be > 0 (a fraction of the "
                             "cells; 1 keeps them all)")
+    sc = v["scales"]
+    if sc[0] != 1.0 or len(set(sc)) != len(sc):
+        raise SettingsError(f"{source}: key 'scales': {sc} must start with 1 (the map step B "
+                            "trains on) and hold each scale once")
+    if len(sc) > 1:
+        for key, ok, why in (("kernel", v["kernel"] == "bow", "asmk"),
+                             ("stream_distractors", not v["stream_distractors"], "true"),
+                             ("cluster", v["cluster"] == "none", v["cluster"]),
+                             ("resize", v["resize"] != "none", "none")):
+            if not ok:
+                raise SettingsError(f"{source}: key 'scales': several scales do not work "
+                                    f"with {key} = {why} yet (use one scale, [1])")
     if v["n_centers"] != "auto" and v["n_centers"] < 1:
         raise SettingsError(f"{source}: key 'n_centers': must be >= 1")
     if v["new_dim"] is not None and v["new_dim"][0] < v["new_dim"][1]:

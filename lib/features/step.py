@@ -47,12 +47,28 @@ def extract_features(settings: Settings, stop_after_batches: int | None = None
         ids = [i for i in ids if not i.startswith(DISTRACTOR_PREFIX)]
     from lib.vocabulary.sizing import check_codebook_size  # n_centers vs the sample, early
     check_codebook_size(settings, len(ids))
-    path = FeatureStore.path_for(settings)
+    from lib.features.scales import at_scale, extra_scales
+
+    # scale 1 first, then each extra scale into its own store (``scales``)
+    runs = [settings] + [at_scale(settings, sc) for sc in extra_scales(settings)]
+    results = []
     with output_lock(settings["path_output"], "A"):
-        r = run_extraction(settings, ids, path, stop_after_batches=stop_after_batches)
-    summary = (f"A: {r['extracted']} extracted, {r['skipped']} already stored, "
-               f"{r['corrupt']} corrupt, {r['images_per_s']:.1f} images/s on {r['device']} "
-               f"({r['seconds']:.1f} s) -> {r['store']}")
+        for st in runs:
+            results.append(run_extraction(st, ids, FeatureStore.path_for(st),
+                                          stop_after_batches=stop_after_batches))
+            if results[-1]["interrupted"]:
+                break
+    lines = []
+    for st, r in zip(runs, results):
+        scale = "" if st is settings else f" (scale {st['input_size'][0]}x{st['input_size'][1]})"
+        lines.append(f"A: {r['extracted']} extracted, {r['skipped']} already stored, "
+                     f"{r['corrupt']} corrupt, {r['images_per_s']:.1f} images/s on "
+                     f"{r['device']} ({r['seconds']:.1f} s){scale} -> {r['store']}")
+    r = results[0]
     counts = {k: r[k] for k in ("extracted", "skipped", "corrupt", "count", "images_per_s",
-                                "device", "interrupted")}
-    return StepResult("A", summary, (Path(r["store"]),), counts, time.perf_counter() - t0)
+                                "device")}
+    counts["interrupted"] = any(x["interrupted"] for x in results)
+    if len(results) > 1:
+        counts["scales_extracted"] = [x["extracted"] for x in results]
+    return StepResult("A", "\n".join(lines), tuple(Path(x["store"]) for x in results),
+                      counts, time.perf_counter() - t0)

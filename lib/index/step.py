@@ -202,6 +202,7 @@ def build_index(settings: Settings) -> StepResult:
     distractors when asked, build the inverted file; all under the output lock."""
     from lib.features.feature_store import FeatureStore
     from lib.features.local_features import LocalFeatureReader
+    from lib.features.scales import image_vector
     from lib.groundtruth.loader import load_ground_truth
     from lib.index.inverted_file import InvertedFile
 
@@ -250,12 +251,14 @@ def build_index(settings: Settings) -> StepResult:
                          if todo else 0)
             present = [i for i in db_ids if i in asg]
             asg.set_meta({**asg.meta, "count": len(asg)})
+            scaled = _assign_scales(s, pca, cb, present, stack)
 
             def vectors() -> Iterator[SparseVec]:
                 for i in present:
-                    yield database_vector(asg.get(i)[0], s.weighting, cb.k)
+                    yield image_vector(i, asg, scaled, s.weighting, cb.k)  # scales
 
             meta = {**expected, "weighting": s.weighting, "idf": s.idf,
+                    **({"scales": list(s.scales)} if scaled else {}),
                     **({"asmk_weighting": s.asmk_weighting} if "kernel" in expected else {}),
                     "n_missing": len(missing), **_extra_meta(s)}
             finish = None
@@ -285,6 +288,41 @@ def build_index(settings: Settings) -> StepResult:
               "streamed_corrupt": streamed["corrupt"], "indexed": inv.n_docs, "words": cb.k}
     return StepResult("C", "\n".join(lines), (apath, out_dir / "index"), counts,
                       time.perf_counter() - t0)
+
+
+def _assign_scales(s: Any, pca: Any, cb: Codebook, present: list[str],
+                   stack: contextlib.ExitStack) -> list[tuple[float, AssignmentStore]]:
+    """The extra scales of ``scales``: each one's feature store (step A) assigned into its
+    own assignment store with the same models, resuming like scale 1. Returns (scale,
+    open store) per extra scale; an image without features at a scale (unreadable there)
+    keeps its other scales."""
+    from lib.features.feature_store import FeatureStore
+    from lib.features.local_features import LocalFeatureReader
+    from lib.features.scales import assignment_path, at_scale, extra_scales
+
+    out = []
+    for sc in extra_scales(s):
+        ss = at_scale(s, sc)
+        fpath = FeatureStore.path_for(ss)
+        if not (Path(fpath) / "data.mdb").exists():
+            raise UserError(f"{fpath}: no feature store for scale {sc:g} of 'scales'; run "
+                            "step A with these settings")
+        store = stack.enter_context(FeatureStore(fpath))
+        check_provenance(expected_provenance(ss), store.meta, str(fpath),
+                         "rerun step A with these settings")
+        asg = open_assignments(assignment_path(s, sc),
+                               {**assignment_record(ss, pca, cb), **_extra_meta(s)})
+        stack.callback(asg.close)
+        sizes = store.sizes()
+        todo = [i for i in present if i not in asg and i in sizes]
+        if todo:
+            reader = LocalFeatureReader(store, list(ss.new_dim) if ss.new_dim else None,
+                                        l2norm=ss.l2norm, pca=pca)
+            log.info("scale %g: assigning %d images", sc, len(todo))
+            assign_all(todo, reader, sizes, cb, asg, float(s.keep_cells))
+        asg.set_meta({**asg.meta, "count": len(asg)})
+        out.append((sc, asg))
+    return out
 
 
 def _index_on_cluster(engine: Any, s: Any, asg: AssignmentStore, present: list[str],

@@ -54,6 +54,8 @@ from lib.search.augmentation import (
 )
 from lib.search.geometry import Box, Cells, box_to_cells
 from lib.search.masks import check_box, mask_bounds, query_weights
+from lib.vocabulary.codebook import Codebook
+from lib.vocabulary.pca import PCAWhitening
 
 log = logging.getLogger(__name__)
 
@@ -216,16 +218,32 @@ class QueryEncoder:
     cached (:class:`QueryWordCache`). When a query image is also a database image (same
     image root) its unaugmented map is taken from the database assignment store."""
 
-    def __init__(self, settings: Any, db_store: AssignmentStore | None = None) -> None:
+    def __init__(self, settings: Any, db_store: AssignmentStore | None = None,
+                 scale_stores: Sequence[AssignmentStore | None] = (), *,
+                 _models: tuple[PCAWhitening, Codebook] | None = None,
+                 _cache_name: str = CACHE_NAME) -> None:
+        """``scale_stores``: with several ``scales``, the database's assignment store of
+        each extra scale (or None), for queries that are database images. ``_models`` and
+        ``_cache_name`` are for the encoders of the extra scales, which use scale 1's
+        checked models and a query cache of their own."""
+        from lib.features.scales import at_scale, extra_scales, query_cache_name
+
         self.s = settings
-        self.pca, self.codebook = load_models(settings)
+        self.pca, self.codebook = load_models(settings) if _models is None else _models
         if db_store is not None and "n_candidates" in db_store.meta:
             # the approximate search as tuned for the database (step C)
             self.codebook.n_candidates = int(db_store.meta["n_candidates"])
         self.n_words = int(self.codebook.k)
         self.variants = list(variants_for(int(settings["augmentation"])))
         self.meta = assignment_record(settings, self.pca, self.codebook)
-        self.cache = QueryWordCache(Path(settings["path_output"]) / CACHE_NAME, self.meta)
+        self.cache = QueryWordCache(Path(settings["path_output"]) / _cache_name, self.meta)
+        # the other scales of ``scales``: an encoder each, whose vectors join this one's
+        self.scales = [1.0, *extra_scales(settings)]
+        stores = list(scale_stores) + [None] * (len(self.scales) - 1 - len(scale_stores))
+        self.scale_encoders = [
+            QueryEncoder(at_scale(settings, sc), st, _models=(self.pca, self.codebook),
+                         _cache_name=query_cache_name(sc))
+            for sc, st in zip(self.scales[1:], stores)]
         same_root = settings["path_queries"] in (None, settings["path_images"])
         self.db_store = db_store if same_root else None
         self._extractor: Extractor | None = None
@@ -237,6 +255,15 @@ class QueryEncoder:
 
     def close(self) -> None:
         self.cache.close()
+        for e in self.scale_encoders:
+            e.close()
+
+    def _with_scales(self, eq: EncodedQuery, vectors: list[SparseVec]) -> EncodedQuery:
+        """``eq`` with its vector combined with the extra scales' (``scales``)."""
+        from lib.features.scales import combine
+
+        eq.vector = combine([eq.vector, *vectors], self.scales)
+        return eq
 
     # ---- network
     def load_network(self) -> Extractor:
@@ -325,6 +352,8 @@ class QueryEncoder:
             mask = load_mask(query.mask, hw, query.name)
         eq = self.encode_words(query.name, query.image, words, hw, query.bbox, mask)
         eq.timings = {"encode": (t1 - t0) * 1000.0, **eq.timings}
+        if self.scale_encoders:
+            eq = self._with_scales(eq, [e.encode(query).vector for e in self.scale_encoders])
         return eq
 
     def encode_image(self, img: Image.Image, bbox: Box | None, name: str,
@@ -336,6 +365,9 @@ class QueryEncoder:
         timings: dict[str, float] = {"extract": 0.0, "assign": 0.0}
         words, hw = self.image_words(img, image_id, timings)
         eq = self.encode_words(name, image_id, words, hw, bbox, mask, img=img)
+        if self.scale_encoders:
+            eq = self._with_scales(eq, [e.encode_image(img, bbox, name, image_id, mask).vector
+                                        for e in self.scale_encoders])
         eq.timings = {**timings, **eq.timings}
         return eq
 

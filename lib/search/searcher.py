@@ -10,14 +10,16 @@ spatially verified even after expansion).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from lib.errors import SettingsError, UserError
+from lib.features.scales import image_vector
 from lib.index.bow import SparseVec
-from lib.index.encoding import database_vector, weights_of_words
+from lib.index.encoding import weights_of_words
 from lib.search import expansion
 from lib.search.geometry import cells_to_box
 from lib.search.query_encoding import EncodedQuery
@@ -63,10 +65,12 @@ class BowSearcher:
     ``index`` is a :class:`lib.index.inverted_file.InvertedFile`, ``store`` the database
     :class:`lib.index.assignment_store.AssignmentStore` (needed for re-ranking and GQE)."""
 
-    def __init__(self, settings: Any, index: Any, store: Any | None) -> None:
+    def __init__(self, settings: Any, index: Any, store: Any | None,
+                 scale_stores: Sequence[tuple[float, Any]] = ()) -> None:
         self.s = settings
         self.index = index
         self.store = store
+        self.scale_stores = list(scale_stores)  # (scale, store) of the extra ``scales``
         self.n_words = int(index.n_words)
         self.db_ids: list[str] = list(index.image_ids)
         self._db_vec_cache: dict[int, SparseVec] = {}
@@ -154,8 +158,8 @@ class BowSearcher:
 
     def _db_vector(self, i: int) -> SparseVec:
         if i not in self._db_vec_cache:
-            w, _ = self.store.get(self.db_ids[i])
-            self._db_vec_cache[i] = database_vector(w, self.s["weighting"], self.n_words)
+            self._db_vec_cache[i] = image_vector(self.db_ids[i], self.store, self.scale_stores,
+                                                 self.s["weighting"], self.n_words)
         return self._db_vec_cache[i]
 
     def _first_stage(self, eq: EncodedQuery) -> tuple[np.ndarray, np.ndarray]:

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lib.artefacts import check_fields, output_lock
-from lib.errors import ArtefactMismatchError
+from lib.errors import ArtefactMismatchError, UserError
 from lib.groundtruth.loader import load_ground_truth
 from lib.index.assignment_store import AssignmentStore
 from lib.index.inverted_file import InvertedFile
@@ -132,42 +132,59 @@ class BowParts:
     index: InvertedFile
     searcher: BowSearcher
     index_path: Path
+    scale_stores: list[AssignmentStore] = field(default_factory=list)  # extra ``scales``
 
     def close(self) -> None:
         self.encoder.close()
         self.db_store.close()
+        for st in self.scale_stores:
+            st.close()
 
 
 def open_bow(settings: Any) -> BowParts:
     """Open step C's assignment store and inverted file and step B's models, and check
     them against the settings (feature provenance, models, ``weighting``, ``idf``,
     ``n_words``): a refusal names the field and the step to rerun."""
+    from lib.features.scales import assignment_path, extra_scales
+
     s = settings
     apath = AssignmentStore.path_for(s)
     db_store = AssignmentStore(apath)
     encoder = None
+    scale_stores: list[tuple[float, AssignmentStore]] = []
     try:
-        encoder = QueryEncoder(s, db_store)
+        for sc in extra_scales(s):  # ``scales``: step C's store of each extra scale
+            p = assignment_path(s, sc)
+            if not (p / "data.mdb").exists():
+                raise UserError(f"{p}: no assignment store for scale {sc:g} of 'scales'; "
+                                "rerun step C with these settings")
+            scale_stores.append((sc, AssignmentStore(p)))
+        encoder = QueryEncoder(s, db_store, [st for _, st in scale_stores])
         check_assignment_record(encoder.meta, db_store.meta, str(apath))
+        for e, (_, st) in zip(encoder.scale_encoders, scale_stores):
+            check_assignment_record(e.meta, st.meta, str(st.path))
         ipath = Path(s["path_output"]) / "index"
         index = InvertedFile.load(ipath)
         what = str(ipath / "meta.json")
         check_assignment_record(encoder.meta, index.meta, what)
-        check_fields({"weighting": s["weighting"], "idf": bool(s["idf"])}, index.meta,
-                     ("weighting", "idf"), what, "rerun step C with these settings")
+        check_fields({"weighting": s["weighting"], "idf": bool(s["idf"]),
+                      "scales": list(s["scales"])}, {"scales": [1.0], **index.meta},
+                     ("weighting", "idf", "scales"), what, "rerun step C with these settings")
         if s["kernel"] == "asmk":
             check_fields({"asmk_weighting": s["asmk_weighting"]}, index.meta,
                          ("asmk_weighting",), what, "rerun step C with these settings")
         if int(index.n_words) != encoder.n_words:
             check_fields({"n_words": encoder.n_words}, {"n_words": int(index.n_words)},
                          ("n_words",), what, "rerun step C")
-        searcher = BowSearcher(s, index, db_store)
+        searcher = BowSearcher(s, index, db_store, scale_stores)
     except BaseException:
         if encoder is not None:
             encoder.close()
         db_store.close()
+        for _, st in scale_stores:
+            st.close()
         raise
-    return BowParts(db_store, encoder, index, searcher, ipath)
+    return BowParts(db_store, encoder, index, searcher, ipath, [st for _, st in scale_stores])
 
 
 def bow_rankings(settings: Any, gt: Any, out_dir: Any, progress: Any = None) -> dict:
