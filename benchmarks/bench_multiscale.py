@@ -53,9 +53,10 @@ def scale_maps(base, overrides: dict, s: float, ids: list[str], query_ids: list[
     """Word maps of the database images and of the query images (by id) at scale ``s``
     (cached as .npz in ``cache``)."""
     f = cache / f"scale_{s:.4f}.npz"
-    if f.exists():
-        z = np.load(f, allow_pickle=True)
-        return z["db"].item(), z["q"].item()
+    if f.exists():  # maps by position in ids / query_ids (no pickles)
+        with np.load(f) as z:
+            return ({i: z[f"d{k}"] for k, i in enumerate(ids)},
+                    {i: z[f"q{k}"] for k, i in enumerate(query_ids)})
     ss = load_settings(base, {**overrides, "input_size": scaled(list(enc.s["input_size"]), s),
                               "new_dim": scaled(list(enc.s["new_dim"]), s)})
     ext = Extractor(ss)
@@ -71,7 +72,8 @@ def scale_maps(base, overrides: dict, s: float, ids: list[str], query_ids: list[
     q = {i: db[i] if same_root and i in db else words(i, True)
          for i in tqdm(query_ids, desc=f"scale {s:.3f} queries")}
     cache.mkdir(parents=True, exist_ok=True)
-    np.savez(f, db=np.array(db, dtype=object), q=np.array(q, dtype=object))
+    np.savez(f, **{f"d{k}": db[i] for k, i in enumerate(ids)},
+             **{f"q{k}": q[i] for k, i in enumerate(query_ids)})
     return db, q
 
 
