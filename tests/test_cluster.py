@@ -260,3 +260,47 @@ def test_keep_cells_on_the_cluster(single: tuple[Path, dict[str, Any]], cluster:
     streamed = [n for n in names if n.rsplit("/", 1)[-1].startswith("d_")]
     assert len(streamed) == len(DISTRACTORS)
     assert all(d > 0 for d in dropped.values()), dropped
+
+
+def test_scales_on_the_cluster(single: tuple[Path, dict[str, Any]], cluster: Any,
+                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """scales [1, 0.5]: step A extracts both scales and step C assigns both on the
+    cluster; every feature store, both assignment stores and the index (built in the
+    driver from both) are the single process's, byte for byte."""
+    import lib.cluster.shards as sh
+
+    assigned, extracted = [], []
+    for name, seen, key in (("assign_on_cluster", assigned, "scale"),
+                            ("extract_on_cluster", extracted, None)):
+        fn = getattr(sh, name)
+
+        def spy(*a: Any, _fn: Any = fn, _seen: list = seen, _key: Any = key, **kw: Any):
+            _seen.append(kw.get(_key, 1.0) if _key else a[1]["input_size"])
+            return _fn(*a, **kw)
+
+        monkeypatch.setattr(sh, name, spy)
+    s, _ = single
+    run = s.parent / "run"
+    over = [f"path_models={run / 'models'}", "TRAIN_PCA=false", "TRAIN_CENTROIDS=false",
+            "scales=[1, 0.5]"]
+    for step in "AC":
+        call_step(step, s, f"path_output={tmp_path / 'one'}", *over)
+        call_step(step, s, f"path_output={tmp_path / 'two'}", *over,
+                  f"cluster={cluster.scheduler.address}", "shard_size=2")
+    assert assigned == [1.0, 0.5] and extracted == [[64, 48], [32, 32]]
+    one, two = _stores(tmp_path / "one"), _stores(tmp_path / "two")
+    assert len([k for k in one if k.startswith("features/")]) == 2
+    assert "assignments_x0.5.lmdb" in one
+    assert one == two
+    for k, v in files_of(tmp_path / "one" / "index").items():
+        if k != "meta.json":
+            assert v == (tmp_path / "two" / "index" / k).read_bytes(), k
+
+
+def _stores(run: Path) -> dict[str, Any]:
+    out = {}
+    for p in sorted(run.rglob("data.mdb")):
+        recs, meta = dump_lmdb(p.parent)
+        out[p.parent.relative_to(run).as_posix()] = (
+            recs, {k: v for k, v in meta.items() if k not in VOLATILE})
+    return out

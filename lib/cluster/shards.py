@@ -295,10 +295,12 @@ def _extract_shard(settings: Any, todo: list[str], job: str, name: str,
 
 def _assign_shard(settings: Any, todo: list[str], job: str, name: str,
                   threads: Mapping[str, int | None], n_candidates: int | None,
-                  asg_meta: Mapping[str, Any]) -> dict[str, Any]:
-    """Step C's assignment of one shard from the feature store (worker side)."""
+                  asg_meta: Mapping[str, Any], scale: float = 1.0) -> dict[str, Any]:
+    """Step C's assignment of one shard from the feature store (worker side); an extra
+    ``scale`` of ``scales`` reads that scale's store with scale 1's models."""
     from lib.features.feature_store import FeatureStore, record_size_hw
     from lib.features.local_features import LocalFeatureReader
+    from lib.features.scales import at_scale
     from lib.index.step import assign_all
 
     jobp = Path(job)
@@ -306,6 +308,8 @@ def _assign_shard(settings: Any, todo: list[str], job: str, name: str,
         return skipped
     t0 = time.perf_counter()
     pca, cb = _models(settings, n_candidates)
+    if scale != 1.0:
+        settings = at_scale(settings, scale)
     store = FeatureStore(FeatureStore.path_for(settings))
     setup_s = time.perf_counter() - t0
     try:
@@ -520,10 +524,11 @@ def _c_job(settings: Any, target: Path, kind: str, ids: Sequence[str], shard_siz
 
 
 def assign_on_cluster(engine: Any, settings: Any, asg: Any, ids: Sequence[str],
-                      todo: Sequence[str], n_candidates: int | None) -> dict[str, Any]:
+                      todo: Sequence[str], n_candidates: int | None,
+                      scale: float = 1.0) -> dict[str, Any]:
     """Step C's assignment of ``todo`` (a subset of ``ids``, database order) on the
-    cluster, merged into the assignment store ``asg``. Shards are whole 32-image
-    batches."""
+    cluster, merged into the assignment store ``asg`` (of ``scale``, for ``scales``).
+    Shards are whole 32-image batches."""
     size = -(-int(settings["shard_size"]) // ASSIGN_BATCH) * ASSIGN_BATCH
     todo_set = set(todo)
     shards = [[i for i in s if i in todo_set] for s in plan(ids, size)]
@@ -532,7 +537,7 @@ def assign_on_cluster(engine: Any, settings: Any, asg: Any, ids: Sequence[str],
     meta = dict(asg.meta)
     merger, timing = _run_shards(
         engine, _assign_shard, asg.env, job, shards,
-        lambda s, name: (settings, s, str(job), name, threads, n_candidates, meta),
+        lambda s, name: (settings, s, str(job), name, threads, n_candidates, meta, scale),
         "C: assigning (cluster)", "assignment store")
     remove_job(job)
     return {"assigned": len(merger.done), "cluster": timing}

@@ -251,7 +251,7 @@ def build_index(settings: Settings) -> StepResult:
                          if todo else 0)
             present = [i for i in db_ids if i in asg]
             asg.set_meta({**asg.meta, "count": len(asg)})
-            scaled = _assign_scales(s, pca, cb, present, stack)
+            scaled = _assign_scales(s, pca, cb, present, stack, engine)
 
             def vectors() -> Iterator[SparseVec]:
                 for i in present:
@@ -266,7 +266,8 @@ def build_index(settings: Settings) -> StepResult:
                 def finish(folder: Path) -> None:
                     write_signatures(folder, asg, present, int(expected["asmk_bits"]), cb.k,
                                      s.weighting if s.asmk_weighting == "bow" else None)
-            if engine.enabled and present:
+            # with several scales the vectors combine several stores: built here
+            if engine.enabled and present and not scaled:
                 inv = _index_on_cluster(engine.get(), s, asg, present, cb.k, meta, finish)
             else:
                 inv = InvertedFile.build(out_dir / "index", vectors(), cb.k, present, meta,
@@ -291,11 +292,12 @@ def build_index(settings: Settings) -> StepResult:
 
 
 def _assign_scales(s: Any, pca: Any, cb: Codebook, present: list[str],
-                   stack: contextlib.ExitStack) -> list[tuple[float, AssignmentStore]]:
+                   stack: contextlib.ExitStack, engine: Any
+                   ) -> list[tuple[float, AssignmentStore]]:
     """The extra scales of ``scales``: each one's feature store (step A) assigned into its
-    own assignment store with the same models, resuming like scale 1. Returns (scale,
-    open store) per extra scale; an image without features at a scale (unreadable there)
-    keeps its other scales."""
+    own assignment store with the same models, resuming like scale 1 (on the cluster
+    when there is one). Returns (scale, open store) per extra scale; an image without
+    features at a scale (unreadable there) keeps its other scales."""
     from lib.features.feature_store import FeatureStore
     from lib.features.local_features import LocalFeatureReader
     from lib.features.scales import assignment_path, at_scale, extra_scales
@@ -315,7 +317,12 @@ def _assign_scales(s: Any, pca: Any, cb: Codebook, present: list[str],
         stack.callback(asg.close)
         sizes = store.sizes()
         todo = [i for i in present if i not in asg and i in sizes]
-        if todo:
+        if todo and engine.enabled:
+            from lib.cluster.shards import assign_on_cluster
+
+            assign_on_cluster(engine.get(), s, asg, [i for i in present if i in sizes],
+                              todo, cb.n_candidates, scale=sc)
+        elif todo:
             reader = LocalFeatureReader(store, list(ss.new_dim) if ss.new_dim else None,
                                         l2norm=ss.l2norm, pca=pca)
             log.info("scale %g: assigning %d images", sc, len(todo))
