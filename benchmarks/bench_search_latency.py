@@ -166,6 +166,10 @@ def main() -> None:
     from lib.settings import load_settings
 
     s = load_settings(args.settings, runs_root=args.runs_root)
+    if s["n_centers"] == "auto":  # the size step B chose, as search.py and serve.py read it
+        from lib.vocabulary.sizing import resolve_from_codebook
+
+        s = resolve_from_codebook(s)
     gt = load_ground_truth(s)
     paths = {q.name: image_path(s, q.image, query=True) for q in gt.queries}
     bow = Path(s["path_output"]) / "bow"

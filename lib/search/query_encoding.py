@@ -366,8 +366,12 @@ class QueryEncoder:
         words, hw = self.image_words(img, image_id, timings)
         eq = self.encode_words(name, image_id, words, hw, bbox, mask, img=img)
         if self.scale_encoders:
-            eq = self._with_scales(eq, [e.encode_image(img, bbox, name, image_id, mask).vector
-                                        for e in self.scale_encoders])
+            subs = [e.encode_image(img, bbox, name, image_id, mask)
+                    for e in self.scale_encoders]
+            for sub in subs:  # the network and assignment time of every scale
+                for k in ("extract", "assign"):
+                    timings[k] += sub.timings.get(k, 0.0)
+            eq = self._with_scales(eq, [sub.vector for sub in subs])
         eq.timings = {**timings, **eq.timings}
         return eq
 
