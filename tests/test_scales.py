@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from helpers_pipeline import DB_SIZES, call_step, load, make_dataset, refusal, run_pipeline
 
-from lib.errors import SettingsError
+from lib.errors import SettingsError, UserError
 from lib.features.scales import assignment_path, at_scale, combine, tag
 from lib.index.bow import to_dense
 from lib.index.encoding import database_vector
@@ -130,6 +130,17 @@ def test_pipeline_with_two_scales(tmp_path: Path):
             img = load_image(image_path(st, q.image, query=True))
             np.testing.assert_allclose(to_dense(enc.encode_image(img, q.bbox, q.name).vector, K),
                                        to_dense(qv, K), rtol=1e-6)
+        # an extra scale whose query holds no word (every cell dropped) adds nothing;
+        # scale 1 without words is still an error naming the query
+        sub = enc.scale_encoders[0]
+        q = gt.queries[0]
+        hw0 = sub.words(q.image)[1]
+        sub.words = lambda image_id: ([np.full((2, 2), K, np.uint16)], hw0)
+        np.testing.assert_allclose(to_dense(enc.encode(q).vector, K),
+                                   to_dense(first[0], K), rtol=1e-6)
+        enc.words = lambda image_id: ([np.full((2, 2), K, np.uint16)], hw0)
+        with pytest.raises(UserError, match="no query words"):
+            enc.encode(q)
     finally:
         enc.close()
     assert (out / "query_words_x0.5.lmdb" / "data.mdb").exists()

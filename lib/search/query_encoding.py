@@ -244,6 +244,9 @@ class QueryEncoder:
             QueryEncoder(at_scale(settings, sc), st, _models=(self.pca, self.codebook),
                          _cache_name=query_cache_name(sc))
             for sc, st in zip(self.scales[1:], stores)]
+        # an extra scale whose query region holds no word (a box of a cell or two, all
+        # dropped by keep_cells) adds nothing; only scale 1 must have words
+        self.empty_ok = _models is not None
         same_root = settings["path_queries"] in (None, settings["path_images"])
         self.db_store = db_store if same_root else None
         self._extractor: Extractor | None = None
@@ -412,7 +415,7 @@ class QueryEncoder:
             bounds = mask_bounds(mask) if mask is not None else bbox
             cells = box_cells(bounds, hw, words[0].shape)
         vec = query_vector(words, weights, self.n_words)
-        if vec[0].size == 0:
+        if vec[0].size == 0 and not getattr(self, "empty_ok", False):
             raise UserError(f"query '{name}': no query words (box {bbox})")
         t2 = time.perf_counter()
         asmk = None
