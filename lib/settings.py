@@ -95,7 +95,8 @@ SCHEMA: tuple[Key, ...] = (
         "input_size (and max_side, new_dim); the first must be 1: it is the map that step B "
         "trains on and that re-ranking and localisation use; every other scale adds its "
         "words to the image's vector, each scale's L2-normalised BoW weighted by the scale "
-        "squared (docs/step_a.md#multi-scale; kernel = bow, no streamed distractors)", "A",
+        "squared (docs/step_a.md#multi-scale; kernel = bow, no streamed distractors, resize "
+        "fixed or max_side)", "A",
         min=0.25, max=2.0),
     Key("resize", "str", "fixed", "fixed: anisotropic resize to input_size (the paper); "
         "max_side: keep aspect ratio, longer side = max_side; none: original size", "A",
@@ -516,6 +517,27 @@ def load_settings(
     return Settings(values, source)
 
 
+def _check_scaled_sizes(v: dict[str, Any], source: Path) -> None:
+    """Every extra scale must give sizes within their keys' ranges and artefacts of its
+    own (the rule of ``lib.features.scales.at_scale``: rounded, input at least 32)."""
+    seen: dict[Any, float] = {}
+    for s in v["scales"]:
+        size = [max(32, round(x * s)) for x in v["input_size"]]
+        side = round(v["max_side"] * s) if v["resize"] == "max_side" else v["max_side"]
+        nd = [round(x * s) for x in v["new_dim"]] if v["new_dim"] else None
+        for key, got, lo, hi in (("input_size", size, 32, 2048), ("max_side", [side], 32, 2048),
+                                 ("new_dim", nd or [1], 1, 256)):
+            if min(got) < lo or max(got) > hi:
+                raise SettingsError(f"{source}: key 'scales': scale {s:g} gives {key} {got}, "
+                                    f"outside {lo}..{hi}")
+        ident = (tuple(size), side, f"{s:.4g}")
+        for k, other in seen.items():
+            if k[:2] == ident[:2] or k[2] == ident[2]:
+                raise SettingsError(f"{source}: key 'scales': scales {other:g} and {s:g} give "
+                                    "the same input size (or artefact names)")
+        seen[ident] = s
+
+
 def _cross_checks(v: dict[str, Any], source: Path) -> None:
     if v["weights"] == "file" and v["weights_file"] is None:
         raise SettingsError(f"{source}: key 'weights_file': required when weights is 'file'")
@@ -529,6 +551,7 @@ def _cross_checks(v: dict[str, Any], source: Path) -> None:
         raise SettingsError(f"{source}: key 'scales': {sc} must start with 1 (the map step B "
                             "trains on) and hold each scale once")
     if len(sc) > 1:
+        _check_scaled_sizes(v, source)
         for key, ok, why in (("kernel", v["kernel"] == "bow", "asmk"),
                              ("stream_distractors", not v["stream_distractors"], "true"),
                              ("resize", v["resize"] != "none", "none")):

@@ -25,7 +25,9 @@ def test_settings_of_a_scale(tmp_path: Path):
     assert st["scales"] == [1.0, 0.7071, 0.5]
     half = at_scale(st, 0.5)
     assert half["input_size"] == [256, 192] and half["new_dim"] == [32, 24]
-    assert half["max_side"] == 512 and half["scales"] == [1.0]
+    assert half["max_side"] == 1024 and half["scales"] == [1.0]  # resize = fixed
+    assert at_scale(load(s, "resize=max_side", "max_side=800", "scales=[1, 0.5]"),
+                    0.5)["max_side"] == 400
     assert at_scale(st, 0.7071)["input_size"] == [362, 272]
     assert at_scale(load(s, "new_dim=null"), 0.5)["new_dim"] is None
     assert tag(0.7071) == "x0.7071" and tag(0.5) == "x0.5"
@@ -38,11 +40,25 @@ def test_settings_of_a_scale(tmp_path: Path):
     ("scales=[1, 0.1]", "between 0.25 and 2"),
     ("scales=[1, true]", "list of float"),
     ("scales=[]", "must not be empty"),
+    ("scales=[1, 0.70711, 0.70712]", "scales 0.70711 and 0.70712 give the same"),
+    ("scales=[1, 0.3, 0.25]", "scales 0.3 and 0.25 give the same input size"),
 ])
 def test_bad_scales(tmp_path: Path, bad: str, needle: str):
     s = make_dataset(tmp_path)
     with pytest.raises(SettingsError, match=needle):
         load(s, bad)
+
+
+def test_scales_whose_sizes_leave_their_range_are_refused_up_front(tmp_path: Path):
+    """Named by the key the user set (scales), not by the scaled key it would break."""
+    s = make_dataset(tmp_path)
+    with pytest.raises(SettingsError, match=r"'scales': scale 2 gives input_size \[2400, 1800\]"):
+        load(s, "input_size=[1200, 900]", "scales=[1, 2]")
+    with pytest.raises(SettingsError, match=r"'scales': scale 2 gives new_dim \[400, 300\]"):
+        load(s, "input_size=[512, 384]", "new_dim=[200, 150]", "scales=[1, 2]")
+    with pytest.raises(SettingsError, match=r"'scales': scale 2 gives max_side \[3000\]"):
+        load(s, "resize=max_side", "max_side=1500", "scales=[1, 2]")
+    load(s, "max_side=1500", "scales=[1, 2]")  # max_side unused with resize = fixed
 
 
 @pytest.mark.parametrize("other", ["kernel=asmk", "stream_distractors=true",
@@ -117,6 +133,11 @@ def test_pipeline_with_two_scales(tmp_path: Path):
     enc = QueryEncoder(st)
     try:
         assert [e.s["input_size"] for e in enc.scale_encoders] == [[64, 48]]
+        # one backbone in memory: the extra scale uses it under its own input size
+        ext = enc.load_network()
+        sub_ext = enc.scale_encoders[0]._extractor
+        assert sub_ext is not None and sub_ext.backbone is ext.backbone
+        assert sub_ext.input_size_for(128, 96) == (48, 64) != ext.input_size_for(128, 96)
         for qi, q in enumerate(gt.queries):
             v1 = first[qi]
             v2 = enc.scale_encoders[0].encode(q).vector

@@ -84,7 +84,10 @@ def pick_device(name: str | None) -> torch.device:
 class Extractor:
     """A backbone on a device with the settings' resize rule and precision."""
 
-    def __init__(self, settings: Mapping[str, Any], device: str | None = None) -> None:
+    def __init__(self, settings: Mapping[str, Any], device: str | None = None,
+                 share: Extractor | None = None) -> None:
+        """``share``: an extractor whose backbone (same network, weights and layers) this
+        one uses under its own resize settings (the extra ``scales`` of a query)."""
         from lib.features.networks import build_backbone
 
         self.settings = settings
@@ -98,6 +101,9 @@ class Extractor:
         # follow it; torch's own kernels do not (docs/guarantees.md#determinism)
         self.onednn = not (self.device.type == "cpu"
                            and settings["cpu_kernels"] == "portable")
+        if share is not None:
+            self.backbone = share.backbone
+            return
         bb = build_backbone(settings["network"], settings["weights"], self.layers,
                             settings["weights_file"])
         self.backbone = bb.to(self.device, memory_format=torch.channels_last)

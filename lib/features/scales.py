@@ -25,15 +25,17 @@ def extra_scales(settings: Any) -> list[float]:
 
 
 def at_scale(settings: Any, scale: float) -> Any:
-    """The settings of one scale: ``input_size``, ``max_side`` and ``new_dim`` times
-    ``scale`` (rounded), one scale. Its feature store, assignment maps and provenance
-    follow from these like any run's."""
+    """The settings of one scale: ``input_size``, ``new_dim`` and (with ``resize =
+    max_side``) ``max_side`` times ``scale`` (rounded), one scale. Its feature store,
+    assignment maps and provenance follow from these like any run's. The settings'
+    cross-checks have made sure that every scale gives valid, distinct sizes."""
     def times(v: list[int], floor: int) -> list[int]:
         return [max(floor, round(x * scale)) for x in v]
 
     changes: dict[str, Any] = {"input_size": times(list(settings["input_size"]), 32),
-                               "max_side": max(32, round(int(settings["max_side"]) * scale)),
                                "scales": [1.0]}
+    if settings["resize"] == "max_side":
+        changes["max_side"] = max(32, round(int(settings["max_side"]) * scale))
     if settings["new_dim"]:
         changes["new_dim"] = times(list(settings["new_dim"]), 1)
     return settings.replace(**changes)

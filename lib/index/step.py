@@ -220,6 +220,8 @@ def build_index(settings: Settings) -> StepResult:
     apath = AssignmentStore.path_for(s)
     expected = assignment_record(s, pca, cb)
     with output_lock(out_dir, "C"), contextlib.ExitStack() as stack:
+        if store is not None:
+            stack.callback(store.close)
         asg = open_assignments(apath, {**expected, **_extra_meta(s)})
         # the Dask cluster of settings' cluster, started when there is work to share
         engine = LazyEngine(s, stack)
@@ -316,6 +318,11 @@ def _assign_scales(s: Any, pca: Any, cb: Codebook, present: list[str],
                                {**assignment_record(ss, pca, cb), **_extra_meta(s)})
         stack.callback(asg.close)
         sizes = store.sizes()
+        absent = sum(i not in sizes and i not in asg for i in present)
+        if absent:
+            log.warning("scale %g: %d database images have no features at this scale "
+                        "(unreadable in step A?); their vectors use their other scales",
+                        sc, absent)
         todo = [i for i in present if i not in asg and i in sizes]
         if todo and engine.enabled:
             from lib.cluster.shards import assign_on_cluster

@@ -244,6 +244,9 @@ class QueryEncoder:
             QueryEncoder(at_scale(settings, sc), st, _models=(self.pca, self.codebook),
                          _cache_name=query_cache_name(sc))
             for sc, st in zip(self.scales[1:], stores)]
+        self._parent: QueryEncoder | None = None  # an extra scale's: whose network it uses
+        for e in self.scale_encoders:
+            e._parent = self
         # an extra scale whose query region holds no word (a box of a cell or two, all
         # dropped by keep_cells) adds nothing; only scale 1 must have words
         self.empty_ok = _models is not None
@@ -271,7 +274,17 @@ class QueryEncoder:
     # ---- network
     def load_network(self) -> Extractor:
         """The network, built on first use; a long-lived caller (the query service) builds
-        it once before its threads share the encoder."""
+        it once before its threads share the encoder. The extra scales' encoders use this
+        backbone under their own input size (built here too)."""
+        if self._parent is not None:  # an extra scale: the parent's backbone
+            if self._extractor is None:
+                self._extractor = Extractor(self.s, share=self._parent._own_network())
+            return self._extractor
+        for e in self.scale_encoders:
+            e.load_network()
+        return self._own_network()
+
+    def _own_network(self) -> Extractor:
         if self._extractor is None:
             self._extractor = Extractor(self.s)
         return self._extractor
@@ -356,7 +369,11 @@ class QueryEncoder:
         eq = self.encode_words(query.name, query.image, words, hw, query.bbox, mask)
         eq.timings = {"encode": (t1 - t0) * 1000.0, **eq.timings}
         if self.scale_encoders:
-            eq = self._with_scales(eq, [e.encode(query).vector for e in self.scale_encoders])
+            subs = [e.encode(query) for e in self.scale_encoders]
+            for sub in subs:  # every scale's time
+                for k in ("encode", "vector"):
+                    eq.timings[k] = eq.timings.get(k, 0.0) + sub.timings.get(k, 0.0)
+            eq = self._with_scales(eq, [sub.vector for sub in subs])
         return eq
 
     def encode_image(self, img: Image.Image, bbox: Box | None, name: str,
