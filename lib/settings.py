@@ -95,8 +95,7 @@ SCHEMA: tuple[Key, ...] = (
         "input_size (and max_side, new_dim); the first must be 1: it is the map that step B "
         "trains on and that re-ranking and localisation use; every other scale adds its "
         "words to the image's vector, each scale's L2-normalised BoW weighted by the scale "
-        "squared (docs/step_a.md#multi-scale; kernel = bow, no streamed distractors, resize "
-        "fixed or max_side)", "A",
+        "squared (docs/step_a.md#multi-scale; kernel = bow, resize fixed or max_side)", "A",
         min=0.25, max=2.0),
     Key("resize", "str", "fixed", "fixed: anisotropic resize to input_size (the paper); "
         "max_side: keep aspect ratio, longer side = max_side; none: original size", "A",
@@ -553,7 +552,6 @@ def _cross_checks(v: dict[str, Any], source: Path) -> None:
     if len(sc) > 1:
         _check_scaled_sizes(v, source)
         for key, ok, why in (("kernel", v["kernel"] == "bow", "asmk"),
-                             ("stream_distractors", not v["stream_distractors"], "true"),
                              ("resize", v["resize"] != "none", "none")):
             if not ok:
                 raise SettingsError(f"{source}: key 'scales': several scales do not work "

@@ -297,6 +297,27 @@ def test_scales_on_the_cluster(single: tuple[Path, dict[str, Any]], cluster: Any
             assert v == (tmp_path / "two" / "index" / k).read_bytes(), k
 
 
+def test_streamed_scales_on_the_cluster(single: tuple[Path, dict[str, Any]], cluster: Any,
+                                        tmp_path: Path) -> None:
+    """scales [1, 0.5] with streamed distractors: the cluster streams the distractors at
+    both scales (a job per scale) and writes the single process's stores and index."""
+    s, _ = single
+    run = s.parent / "run"
+    over = [f"path_models={run / 'models'}", "TRAIN_PCA=false", "TRAIN_CENTROIDS=false",
+            "scales=[1, 0.5]", "stream_distractors=true"]
+    for step in "AC":
+        call_step(step, s, f"path_output={tmp_path / 'one'}", *over)
+        call_step(step, s, f"path_output={tmp_path / 'two'}", *over,
+                  f"cluster={cluster.scheduler.address}", "shard_size=2")
+    one, two = _stores(tmp_path / "one"), _stores(tmp_path / "two")
+    half = one["assignments_x0.5.lmdb"][0]
+    assert sum(k.startswith(b"distractors/") for k in half) == len(DISTRACTORS)
+    assert one == two
+    for k, v in files_of(tmp_path / "one" / "index").items():
+        if k != "meta.json":
+            assert v == (tmp_path / "two" / "index" / k).read_bytes(), k
+
+
 def _stores(run: Path) -> dict[str, Any]:
     out = {}
     for p in sorted(run.rglob("data.mdb")):

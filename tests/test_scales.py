@@ -61,8 +61,7 @@ def test_scales_whose_sizes_leave_their_range_are_refused_up_front(tmp_path: Pat
     load(s, "max_side=1500", "scales=[1, 2]")  # max_side unused with resize = fixed
 
 
-@pytest.mark.parametrize("other", ["kernel=asmk", "stream_distractors=true",
-                                   "resize=none"])
+@pytest.mark.parametrize("other", ["kernel=asmk", "resize=none"])
 def test_several_scales_refuse_what_they_do_not_support(tmp_path: Path, other: str):
     s = make_dataset(tmp_path)
     with pytest.raises(SettingsError, match="several scales do not work with " +
@@ -182,3 +181,38 @@ def test_missing_scale_artefacts_are_named(tmp_path: Path):
     call_step("C", s)
     err = refusal("D", s, "scales=[1, 0.5]")
     assert "scales" in str(err) and "step C" in str(err)
+
+
+def test_streamed_distractors_at_every_scale(tmp_path: Path):
+    """stream_distractors with scales [1, 0.5]: the distractors go through the network at
+    both scales without stored features, and both assignment stores and the index are
+    those of the normal path (A stores every scale's maps, C assigns), byte for byte."""
+    from helpers_pipeline import dump_lmdb, files_of, textured
+
+    rng = np.random.default_rng(5)
+    for name, w, h in (("d_00", 128, 96), ("d_01", 96, 128), ("d_02", 112, 112)):
+        p = tmp_path / "distractors" / f"{name}.jpg"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        textured(rng, w, h).save(p, quality=90)
+    s = make_dataset(tmp_path, input_size=[128, 96], path_distractors="distractors")
+    over = ("scales=[1, 0.5]",)
+    run_pipeline(s, "AB")
+    for step in "AC":
+        call_step(step, s, *over)
+    models = f"path_models={tmp_path / 'run' / 'models'}"
+    stream = (*over, "path_output=" + str(tmp_path / "streamed"), models,
+              "stream_distractors=true")
+    for step in "AC":
+        call_step(step, s, *stream)
+    for name in ("assignments.lmdb", "assignments_x0.5.lmdb"):
+        normal, _ = dump_lmdb(tmp_path / "run" / name)
+        streamed, _ = dump_lmdb(tmp_path / "streamed" / name)
+        assert sum(k.startswith(b"distractors/") for k in streamed) == 3
+        assert streamed == normal, name
+    for store in (tmp_path / "streamed" / "features").glob("*.lmdb"):
+        recs, _ = dump_lmdb(store)
+        assert recs and not any(k.startswith(b"distractors/") for k in recs)
+    a, b = files_of(tmp_path / "run" / "index"), files_of(tmp_path / "streamed" / "index")
+    for name in a:
+        if name != "meta.json":
+            assert a[name] == b[name], name

@@ -347,9 +347,12 @@ class _AssignSink:
 
 def _stream_shard(settings: Any, todo: list[str], job: str, name: str,
                   threads: Mapping[str, int | None], n_candidates: int | None,
-                  asg_meta: Mapping[str, Any]) -> dict[str, Any]:
-    """Streamed distractors of one shard: decode, forward, assign (worker side)."""
+                  asg_meta: Mapping[str, Any], scale: float = 1.0) -> dict[str, Any]:
+    """Streamed distractors of one shard: decode, forward, assign (worker side); an
+    extra ``scale`` of ``scales`` extracts at that scale and assigns with scale 1's
+    models."""
     from lib.features.extraction import fill_batches
+    from lib.features.scales import at_scale
     from lib.index.streaming import AssigningSink
 
     jobp = Path(job)
@@ -358,6 +361,8 @@ def _stream_shard(settings: Any, todo: list[str], job: str, name: str,
     settings = _decode_settings(settings)
     t0 = time.perf_counter()
     pca, cb = _models(settings, n_candidates)
+    if scale != 1.0:
+        settings = at_scale(settings, scale)
     ext = _extractor(settings)
     setup_s = time.perf_counter() - t0
     corrupt: dict[str, str] = {}
@@ -544,11 +549,13 @@ def assign_on_cluster(engine: Any, settings: Any, asg: Any, ids: Sequence[str],
 
 
 def stream_on_cluster(engine: Any, settings: Any, ids: Sequence[str], pca: Any, cb: Any,
-                      asg: Any) -> dict[str, Any]:
+                      asg: Any, scale: float = 1.0) -> dict[str, Any]:
     """:func:`lib.index.streaming.stream_assignments` on the cluster: same checks, same
-    values, same ``assignments.corrupted.txt``; the same result dict."""
+    values, same ``assignments.corrupted.txt``; the same result dict. ``scale``: an
+    extra scale of ``scales`` (``asg`` is that scale's store)."""
     from lib.features.extraction import split_bad_ids
     from lib.features.feature_store import write_corrupted
+    from lib.features.scales import at_scale
     from lib.index.streaming import _HINT, check_models, stored_sizes
     from lib.provenance import assignment_record, check_assignment_record
 
@@ -557,7 +564,8 @@ def stream_on_cluster(engine: Any, settings: Any, ids: Sequence[str], pca: Any, 
     if len(set(ids)) != len(ids):
         raise UserError("distractor list: duplicate image ids")
     check_models(settings, pca, cb)
-    check_assignment_record(assignment_record(settings, pca, cb), asg.meta, str(asg.path),
+    scaled = settings if scale == 1.0 else at_scale(settings, scale)
+    check_assignment_record(assignment_record(scaled, pca, cb), asg.meta, str(asg.path),
                             _HINT)
     ids, bad_ids = split_bad_ids(ids)
     stored = stored_sizes(asg)
@@ -575,7 +583,7 @@ def stream_on_cluster(engine: Any, settings: Any, ids: Sequence[str], pca: Any, 
         meta = dict(asg.meta)
         merger, timing = _run_shards(
             engine, _stream_shard, asg.env, job, shards,
-            lambda s, name: (settings, s, str(job), name, threads, n_cand, meta),
+            lambda s, name: (settings, s, str(job), name, threads, n_cand, meta, scale),
             "C: streaming distractors (cluster)", "assignment store")
         for i, why in merger.corrupt.items():
             log.warning("skipped %s: %s", i, why)

@@ -318,6 +318,8 @@ def _assign_scales(s: Any, pca: Any, cb: Codebook, present: list[str],
                                {**assignment_record(ss, pca, cb), **_extra_meta(s)})
         stack.callback(asg.close)
         sizes = store.sizes()
+        if s.stream_distractors:  # the distractors of this scale, like scale 1's
+            _stream_scale(s, sc, pca, cb, asg, [i for i in present if i not in sizes], engine)
         absent = sum(i not in sizes and i not in asg for i in present)
         if absent:
             log.warning("scale %g: %d database images have no features at this scale "
@@ -337,6 +339,27 @@ def _assign_scales(s: Any, pca: Any, cb: Codebook, present: list[str],
         asg.set_meta({**asg.meta, "count": len(asg)})
         out.append((sc, asg))
     return out
+
+
+def _stream_scale(s: Any, scale: float, pca: Any, cb: Codebook, asg: AssignmentStore,
+                  ids: list[str], engine: Any) -> None:
+    """stream_distractors at an extra scale: the distractors through the network at that
+    scale and scale 1's models, into that scale's assignment store."""
+    from lib.features.scales import at_scale
+    from lib.groundtruth.loader import DISTRACTOR_PREFIX
+    from lib.index.streaming import stream_assignments
+
+    ids = [i for i in ids if i.startswith(DISTRACTOR_PREFIX)]
+    if not ids:
+        return
+    if engine.enabled:
+        from lib.cluster.shards import stream_on_cluster
+
+        r = stream_on_cluster(engine.get(), s, ids, pca, cb, asg, scale=scale)
+    else:
+        r = stream_assignments(at_scale(s, scale), ids, pca, cb, asg, model_settings=s)
+    log.info("scale %g: streamed %d distractors (%d already assigned)", scale,
+             r["streamed"], r["skipped"])
 
 
 def _index_on_cluster(engine: Any, s: Any, asg: AssignmentStore, present: list[str],

@@ -128,10 +128,13 @@ def check_models(settings: Mapping[str, Any], pca: PCAWhitening, codebook: Codeb
 
 def stream_assignments(settings: Mapping[str, Any], image_ids: Sequence[str],
                        pca: PCAWhitening, codebook: Codebook, store: AssignmentStore,
-                       stop_after_batches: int | None = None) -> dict[str, Any]:
+                       stop_after_batches: int | None = None,
+                       model_settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Decode, extract, assign and store the word maps of ``image_ids`` (normally the
     distractors) in ``store``, skipping ids already stored. Returns counts and timings.
-    ``stop_after_batches`` simulates an interruption after that many batches (tests)."""
+    ``stop_after_batches`` simulates an interruption after that many batches (tests).
+    ``model_settings``: the settings the models are checked against when ``settings``
+    are an extra scale's (``scales``: the models are scale 1's)."""
     from lib.features.extraction import Extractor, fill_batches, split_bad_ids
     from lib.features.feature_store import write_corrupted
 
@@ -139,7 +142,7 @@ def stream_assignments(settings: Mapping[str, Any], image_ids: Sequence[str],
     ids = list(image_ids)
     if len(set(ids)) != len(ids):
         raise UserError("distractor list: duplicate image ids")
-    check_models(settings, pca, codebook)
+    check_models(settings if model_settings is None else model_settings, pca, codebook)
     check_assignment_record(assignment_record(settings, pca, codebook), store.meta,
                             str(store.path), _HINT)
     ids, bad_ids = split_bad_ids(ids)  # not usable as store keys: listed as corrupt
