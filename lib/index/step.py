@@ -243,14 +243,8 @@ def build_index(settings: Settings) -> StepResult:
                             "map (unreadable in step A?) and are left out, e.g. %s",
                             len(missing), ", ".join(missing[:5]))
             todo = [i for i in todo if i in sizes]  # empty without a feature store
-            if todo and engine.enabled:
-                from lib.cluster.shards import assign_on_cluster
-
-                n_new = assign_on_cluster(engine.get(), s, asg, [i for i in db_ids if i in sizes],
-                                          todo, cb.n_candidates)["assigned"]
-            else:
-                n_new = (assign_all(todo, reader, sizes, cb, asg, float(s.keep_cells))
-                         if todo else 0)
+            n_new = _assign(s, cb, asg, [i for i in db_ids if i in sizes], todo, reader,
+                            sizes, engine)
             present = [i for i in db_ids if i in asg]
             asg.set_meta({**asg.meta, "count": len(asg)})
             scaled = _assign_scales(s, pca, cb, present, stack, engine)
@@ -319,47 +313,20 @@ def _assign_scales(s: Any, pca: Any, cb: Codebook, present: list[str],
         stack.callback(asg.close)
         sizes = store.sizes()
         if s.stream_distractors:  # the distractors of this scale, like scale 1's
-            _stream_scale(s, sc, pca, cb, asg, [i for i in present if i not in sizes], engine)
+            _stream(s, pca, cb, asg, present, sizes, engine, scale=sc)
         absent = sum(i not in sizes and i not in asg for i in present)
         if absent:
             log.warning("scale %g: %d database images have no features at this scale "
                         "(unreadable in step A?); their vectors use their other scales",
                         sc, absent)
-        todo = [i for i in present if i not in asg and i in sizes]
-        if todo and engine.enabled:
-            from lib.cluster.shards import assign_on_cluster
-
-            assign_on_cluster(engine.get(), s, asg, [i for i in present if i in sizes],
-                              todo, cb.n_candidates, scale=sc)
-        elif todo:
-            reader = LocalFeatureReader(store, list(ss.new_dim) if ss.new_dim else None,
-                                        l2norm=ss.l2norm, pca=pca)
-            log.info("scale %g: assigning %d images", sc, len(todo))
-            assign_all(todo, reader, sizes, cb, asg, float(s.keep_cells))
+        reader = LocalFeatureReader(store, list(ss.new_dim) if ss.new_dim else None,
+                                    l2norm=ss.l2norm, pca=pca)
+        _assign(s, cb, asg, [i for i in present if i in sizes],
+                [i for i in present if i not in asg and i in sizes], reader, sizes, engine,
+                scale=sc)
         asg.set_meta({**asg.meta, "count": len(asg)})
         out.append((sc, asg))
     return out
-
-
-def _stream_scale(s: Any, scale: float, pca: Any, cb: Codebook, asg: AssignmentStore,
-                  ids: list[str], engine: Any) -> None:
-    """stream_distractors at an extra scale: the distractors through the network at that
-    scale and scale 1's models, into that scale's assignment store."""
-    from lib.features.scales import at_scale
-    from lib.groundtruth.loader import DISTRACTOR_PREFIX
-    from lib.index.streaming import stream_assignments
-
-    ids = [i for i in ids if i.startswith(DISTRACTOR_PREFIX)]
-    if not ids:
-        return
-    if engine.enabled:
-        from lib.cluster.shards import stream_on_cluster
-
-        r = stream_on_cluster(engine.get(), s, ids, pca, cb, asg, scale=scale)
-    else:
-        r = stream_assignments(at_scale(s, scale), ids, pca, cb, asg, model_settings=s)
-    log.info("scale %g: streamed %d distractors (%d already assigned)", scale,
-             r["streamed"], r["skipped"])
 
 
 def _index_on_cluster(engine: Any, s: Any, asg: AssignmentStore, present: list[str],
@@ -402,10 +369,32 @@ def _tune(s: Any, cb: Codebook, asg: AssignmentStore, reader: Any,
     asg.set_meta({**asg.meta, "n_candidates": cb.n_candidates, "tuned_agreement": agree})
 
 
+def _assign(s: Any, cb: Codebook, asg: AssignmentStore, ids: list[str], todo: list[str],
+            reader: Any, sizes: dict[str, tuple[int, int]], engine: Any,
+            scale: float = 1.0) -> int:
+    """Assign ``todo`` (a subset of ``ids``, the images with features, database order)
+    into ``asg``: on the cluster when there is one, else in this process with ``reader``
+    (the features of ``scale``). Returns the number assigned."""
+    if not todo:
+        return 0
+    if engine.enabled:
+        from lib.cluster.shards import assign_on_cluster
+
+        return int(assign_on_cluster(engine.get(), s, asg, ids, todo, cb.n_candidates,
+                                     scale=scale)["assigned"])
+    if scale != 1.0:
+        log.info("scale %g: assigning %d images", scale, len(todo))
+    return assign_all(todo, reader, sizes, cb, asg, float(s.keep_cells))
+
+
 def _stream(s: Any, pca: Any, cb: Codebook, asg: AssignmentStore, db_ids: list[str],
-            sizes: dict[str, tuple[int, int]], engine: Any = None) -> dict[str, Any]:
+            sizes: dict[str, tuple[int, int]], engine: Any = None,
+            scale: float = 1.0) -> dict[str, Any]:
     """stream_distractors: the distractors without stored features go through the
-    network and the codebook in one pass (lib/index/streaming.py); only word maps are kept."""
+    network and the codebook in one pass (lib/index/streaming.py); only word maps are
+    kept. An extra ``scale`` of ``scales`` extracts at that scale with scale 1's models
+    into that scale's store ``asg``."""
+    from lib.features.scales import at_scale
     from lib.groundtruth.loader import DISTRACTOR_PREFIX
     from lib.index.streaming import stream_assignments
 
@@ -415,11 +404,14 @@ def _stream(s: Any, pca: Any, cb: Codebook, asg: AssignmentStore, db_ids: list[s
     if engine is not None and engine.enabled:
         from lib.cluster.shards import stream_on_cluster
 
-        r = stream_on_cluster(engine.get(), s, ids, pca, cb, asg)
+        r = stream_on_cluster(engine.get(), s, ids, pca, cb, asg, scale=scale)
+    elif scale != 1.0:
+        r = stream_assignments(at_scale(s, scale), ids, pca, cb, asg, model_settings=s)
     else:
         r = stream_assignments(s, ids, pca, cb, asg)
-    log.info("streamed %d distractors at %.1f images/s on %s (%d already assigned)",
-             r["streamed"], r["images_per_s"], r["device"], r["skipped"])
+    log.info("%sstreamed %d distractors at %.1f images/s on %s (%d already assigned)",
+             "" if scale == 1.0 else f"scale {scale:g}: ", r["streamed"], r["images_per_s"],
+             r["device"], r["skipped"])
     return r
 
 
