@@ -232,7 +232,7 @@ def test_search_mode_agrees_with_step_d(masking: int, bbox) -> None:
     enc.s = {"masking": masking, "query_weighting": "none", "kernel": "bow"}
     enc.variants = list(variants_for(0))
     enc.n_words = 8
-    enc.scale_encoders = []  # one scale
+    enc.scale_encoders, enc._parent = [], None  # one scale
     words = np.arange(25, dtype=np.uint16).reshape(map_hw) % 8
     enc.words = lambda image_id: ([words], hw)  # type: ignore[method-assign]
     e = enc.encode(q)

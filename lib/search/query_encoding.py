@@ -54,8 +54,6 @@ from lib.search.augmentation import (
 )
 from lib.search.geometry import Box, Cells, box_to_cells
 from lib.search.masks import check_box, mask_bounds, query_weights
-from lib.vocabulary.codebook import Codebook
-from lib.vocabulary.pca import PCAWhitening
 
 log = logging.getLogger(__name__)
 
@@ -220,36 +218,30 @@ class QueryEncoder:
 
     def __init__(self, settings: Any, db_store: AssignmentStore | None = None,
                  scale_stores: Sequence[AssignmentStore | None] = (), *,
-                 _models: tuple[PCAWhitening, Codebook] | None = None,
-                 _cache_name: str = CACHE_NAME) -> None:
+                 _parent: QueryEncoder | None = None, _scale: float = 1.0) -> None:
         """``scale_stores``: with several ``scales``, the database's assignment store of
-        each extra scale (or None), for queries that are database images. ``_models`` and
-        ``_cache_name`` are for the encoders of the extra scales, which use scale 1's
-        checked models and a query cache of their own."""
+        each extra scale (or None), for queries that are database images. ``_parent`` and
+        ``_scale`` make the encoder of an extra scale: it uses its parent's checked models
+        and backbone, and a query cache of its own."""
         from lib.features.scales import at_scale, extra_scales, query_cache_name
 
         self.s = settings
-        self.pca, self.codebook = load_models(settings) if _models is None else _models
+        self._parent = _parent
+        self.pca, self.codebook = (load_models(settings) if _parent is None
+                                   else (_parent.pca, _parent.codebook))
         if db_store is not None and "n_candidates" in db_store.meta:
             # the approximate search as tuned for the database (step C)
             self.codebook.n_candidates = int(db_store.meta["n_candidates"])
         self.n_words = int(self.codebook.k)
         self.variants = list(variants_for(int(settings["augmentation"])))
         self.meta = assignment_record(settings, self.pca, self.codebook)
-        self.cache = QueryWordCache(Path(settings["path_output"]) / _cache_name, self.meta)
+        cache_name = CACHE_NAME if _parent is None else query_cache_name(_scale)
+        self.cache = QueryWordCache(Path(settings["path_output"]) / cache_name, self.meta)
         # the other scales of ``scales``: an encoder each, whose vectors join this one's
         self.scales = [1.0, *extra_scales(settings)]
         stores = list(scale_stores) + [None] * (len(self.scales) - 1 - len(scale_stores))
-        self.scale_encoders = [
-            QueryEncoder(at_scale(settings, sc), st, _models=(self.pca, self.codebook),
-                         _cache_name=query_cache_name(sc))
-            for sc, st in zip(self.scales[1:], stores)]
-        self._parent: QueryEncoder | None = None  # an extra scale's: whose network it uses
-        for e in self.scale_encoders:
-            e._parent = self
-        # an extra scale whose query region holds no word (a box of a cell or two, all
-        # dropped by keep_cells) adds nothing; only scale 1 must have words
-        self.empty_ok = _models is not None
+        self.scale_encoders = [QueryEncoder(at_scale(settings, sc), st, _parent=self, _scale=sc)
+                               for sc, st in zip(self.scales[1:], stores)]
         same_root = settings["path_queries"] in (None, settings["path_images"])
         self.db_store = db_store if same_root else None
         self._extractor: Extractor | None = None
@@ -264,11 +256,16 @@ class QueryEncoder:
         for e in self.scale_encoders:
             e.close()
 
-    def _with_scales(self, eq: EncodedQuery, vectors: list[SparseVec]) -> EncodedQuery:
-        """``eq`` with its vector combined with the extra scales' (``scales``)."""
+    def _with_scales(self, eq: EncodedQuery, subs: list[EncodedQuery],
+                     timed: Sequence[str]) -> EncodedQuery:
+        """``eq`` with its vector combined with the extra scales' encodings ``subs``
+        (``scales``) and their ``timed`` timings added to its own."""
         from lib.features.scales import combine
 
-        eq.vector = combine([eq.vector, *vectors], self.scales)
+        for sub in subs:
+            for k in timed:
+                eq.timings[k] = eq.timings.get(k, 0.0) + sub.timings.get(k, 0.0)
+        eq.vector = combine([eq.vector, *(sub.vector for sub in subs)], self.scales)
         return eq
 
     # ---- network
@@ -369,11 +366,8 @@ class QueryEncoder:
         eq = self.encode_words(query.name, query.image, words, hw, query.bbox, mask)
         eq.timings = {"encode": (t1 - t0) * 1000.0, **eq.timings}
         if self.scale_encoders:
-            subs = [e.encode(query) for e in self.scale_encoders]
-            for sub in subs:  # every scale's time
-                for k in ("encode", "vector"):
-                    eq.timings[k] = eq.timings.get(k, 0.0) + sub.timings.get(k, 0.0)
-            eq = self._with_scales(eq, [sub.vector for sub in subs])
+            eq = self._with_scales(eq, [e.encode(query) for e in self.scale_encoders],
+                                   ("encode", "vector"))
         return eq
 
     def encode_image(self, img: Image.Image, bbox: Box | None, name: str,
@@ -385,14 +379,10 @@ class QueryEncoder:
         timings: dict[str, float] = {"extract": 0.0, "assign": 0.0}
         words, hw = self.image_words(img, image_id, timings)
         eq = self.encode_words(name, image_id, words, hw, bbox, mask, img=img)
-        if self.scale_encoders:
-            subs = [e.encode_image(img, bbox, name, image_id, mask)
-                    for e in self.scale_encoders]
-            for sub in subs:  # the network and assignment time of every scale
-                for k in ("extract", "assign"):
-                    timings[k] += sub.timings.get(k, 0.0)
-            eq = self._with_scales(eq, [sub.vector for sub in subs])
         eq.timings = {**timings, **eq.timings}
+        if self.scale_encoders:
+            eq = self._with_scales(eq, [e.encode_image(img, bbox, name, image_id, mask)
+                                        for e in self.scale_encoders], ("extract", "assign"))
         return eq
 
     def encode_words(self, name: str, image: str | None, words: list[np.ndarray],
@@ -432,7 +422,9 @@ class QueryEncoder:
             bounds = mask_bounds(mask) if mask is not None else bbox
             cells = box_cells(bounds, hw, words[0].shape)
         vec = query_vector(words, weights, self.n_words)
-        if vec[0].size == 0 and not getattr(self, "empty_ok", False):
+        # an extra scale whose query region holds no word (a box of a cell or two, all
+        # dropped by keep_cells) adds nothing; only scale 1 must have words
+        if vec[0].size == 0 and self._parent is None:
             raise UserError(f"query '{name}': no query words (box {bbox})")
         t2 = time.perf_counter()
         asmk = None
