@@ -516,22 +516,33 @@ def load_settings(
     return Settings(values, source)
 
 
+def scaled_sizes(v: Mapping[str, Any], scale: float) -> dict[str, Any]:
+    """The keys one scale of ``scales`` changes (``lib.features.scales.at_scale``):
+    ``input_size`` (at least 32, the network's smallest input), ``new_dim`` and, with
+    ``resize = max_side``, ``max_side``, each times ``scale`` and rounded. The
+    cross-checks refuse a scale whose values leave their keys' ranges."""
+    out: dict[str, Any] = {"input_size": [max(32, round(x * scale)) for x in v["input_size"]]}
+    if v["resize"] == "max_side":
+        out["max_side"] = round(v["max_side"] * scale)
+    if v["new_dim"]:
+        out["new_dim"] = [round(x * scale) for x in v["new_dim"]]
+    return out
+
+
 def _check_scaled_sizes(v: dict[str, Any], source: Path) -> None:
     """Every extra scale must give sizes within their keys' ranges and artefacts of its
-    own (the rule of ``lib.features.scales.at_scale``: rounded, input at least 32)."""
+    own (:func:`scaled_sizes`)."""
     seen: dict[Any, float] = {}
     for s in v["scales"]:
-        size = [max(32, round(x * s)) for x in v["input_size"]]
-        side = round(v["max_side"] * s) if v["resize"] == "max_side" else v["max_side"]
-        nd = [round(x * s) for x in v["new_dim"]] if v["new_dim"] else None
-        for key, got, lo, hi in (("input_size", size, 32, 2048), ("max_side", [side], 32, 2048),
-                                 ("new_dim", nd or [1], 1, 256)):
-            if min(got) < lo or max(got) > hi:
-                raise SettingsError(f"{source}: key 'scales': scale {s:g} gives {key} {got}, "
-                                    f"outside {lo}..{hi}")
-        ident = (tuple(size), side, f"{s:.4g}")
-        for k, other in seen.items():
-            if k[:2] == ident[:2] or k[2] == ident[2]:
+        sizes = scaled_sizes(v, s)
+        for key, got in sizes.items():
+            k, vals = SCHEMA_BY_NAME[key], got if isinstance(got, list) else [got]
+            if min(vals) < k.min or max(vals) > k.max:
+                raise SettingsError(f"{source}: key 'scales': scale {s:g} gives {key} {vals}, "
+                                    f"outside {k.min}..{k.max}")
+        ident = (tuple(sizes["input_size"]), sizes.get("max_side", v["max_side"]), f"{s:.4g}")
+        for k2, other in seen.items():
+            if k2[:2] == ident[:2] or k2[2] == ident[2]:
                 raise SettingsError(f"{source}: key 'scales': scales {other:g} and {s:g} give "
                                     "the same input size (or artefact names)")
         seen[ident] = s

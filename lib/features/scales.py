@@ -17,6 +17,7 @@ from typing import Any
 
 from lib.index.bow import SparseVec, l2_normalise, sparse_sum
 from lib.index.encoding import database_vector
+from lib.settings import scaled_sizes
 
 
 def extra_scales(settings: Any) -> list[float]:
@@ -25,20 +26,12 @@ def extra_scales(settings: Any) -> list[float]:
 
 
 def at_scale(settings: Any, scale: float) -> Any:
-    """The settings of one scale: ``input_size``, ``new_dim`` and (with ``resize =
-    max_side``) ``max_side`` times ``scale`` (rounded), one scale. Its feature store,
-    assignment maps and provenance follow from these like any run's. The settings'
-    cross-checks have made sure that every scale gives valid, distinct sizes."""
-    def times(v: list[int], floor: int) -> list[int]:
-        return [max(floor, round(x * scale)) for x in v]
-
-    changes: dict[str, Any] = {"input_size": times(list(settings["input_size"]), 32),
-                               "scales": [1.0]}
-    if settings["resize"] == "max_side":
-        changes["max_side"] = max(32, round(int(settings["max_side"]) * scale))
-    if settings["new_dim"]:
-        changes["new_dim"] = times(list(settings["new_dim"]), 1)
-    return settings.replace(**changes)
+    """The settings of one scale: those of :func:`lib.settings.scaled_sizes` (the input
+    size, the maps' size and, with ``resize = max_side``, the longer side, times
+    ``scale``), one scale. Its feature store, assignment maps and provenance follow from
+    these like any run's. The settings' cross-checks have made sure that every scale
+    gives valid, distinct sizes."""
+    return settings.replace(scales=[1.0], **scaled_sizes(settings, scale))
 
 
 def tag(scale: float) -> str:
