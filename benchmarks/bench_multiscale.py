@@ -38,7 +38,7 @@ from lib.index.assignment_store import AssignmentStore
 from lib.index.bow import l2_normalise, sparse_sum
 from lib.index.encoding import database_vector, words_from_maps
 from lib.search.query_encoding import QueryEncoder, combined_maps
-from lib.settings import load_settings
+from lib.settings import load_settings, parse_override
 from lib.vocabulary.sizing import resolve_from_codebook
 
 REPO = Path(__file__).resolve().parent.parent
@@ -96,19 +96,13 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace, run_dir: Path, tmp: Path) -> None:
-    over = {}
-    for kv in args.set:
-        k, v = kv.split("=", 1)
-        try:
-            over[k] = json.loads(v)
-        except json.JSONDecodeError:
-            over[k] = v
+    base = args.settings.resolve()
+    over = dict(parse_override(kv, base) for kv in args.set)
     # the run's models and features; path_output only names the scratch query cache
     over.update({"rerank": False, "query_expansion": "none", "augmentation": 0,
                  "path_models": str(run_dir / "models"),
                  "path_features": str(run_dir / "features"),
                  "path_output": str(tmp / "out")})
-    base = args.settings.resolve()
     s = load_settings(base, over)
     if s["n_centers"] == "auto":  # the size step B chose, as the steps that read models do
         over["n_centers"] = int(resolve_from_codebook(s)["n_centers"])
