@@ -51,12 +51,8 @@ def _dataset(root: Path) -> Path:
 
 
 def _outputs(run: Path) -> dict[str, Any]:
-    """Stores by content (metadata without per-run fields), every index and ranking file."""
-    out: dict[str, Any] = {}
-    for p in sorted(run.rglob("data.mdb")):
-        recs, meta = dump_lmdb(p.parent)
-        out[p.parent.relative_to(run).as_posix()] = (
-            recs, {k: v for k, v in meta.items() if k not in VOLATILE})
+    """:func:`_stores`, every index and ranking file."""
+    out = _stores(run)
     for folder in ("index", "bow/lists"):
         for k, v in files_of(run / folder).items():
             if k != "meta.json":
@@ -319,7 +315,8 @@ def test_streamed_scales_on_the_cluster(single: tuple[Path, dict[str, Any]], clu
 
 
 def _stores(run: Path) -> dict[str, Any]:
-    out = {}
+    """Every LMDB store under ``run`` by content (metadata without per-run fields)."""
+    out: dict[str, Any] = {}
     for p in sorted(run.rglob("data.mdb")):
         recs, meta = dump_lmdb(p.parent)
         out[p.parent.relative_to(run).as_posix()] = (
