@@ -56,6 +56,8 @@ from typing import Any
 import faiss
 import numpy as np
 
+from lib.index.native import asmk_library
+
 DEFAULT_QUERY_MA = 5  # query multiple assignment (the reference's HOW setting)
 DEFAULT_ALPHA = 3.0
 DEFAULT_TAU = 0.0
@@ -292,6 +294,74 @@ def doc_weights(docs: np.ndarray, n_docs: int) -> np.ndarray:
     return out
 
 
+def _accumulate_numpy(lo: np.ndarray, hi: np.ndarray, qs: np.ndarray, sigs: np.ndarray,
+                      docs: np.ndarray, wts: np.ndarray, per_doc: bool, table: np.ndarray,
+                      qwt: np.ndarray | None, n_docs: int) -> np.ndarray:
+    """Per-doc float64 sums of ``table[h] * w [* qwt]`` over the runs ``[lo, hi)``.
+
+    One index array gathers every posting run of the query's words (``np.repeat`` of the
+    run starts + ``arange``), the query signature of each word is repeated over its run,
+    XOR + popcount give the Hamming distances and ``np.bincount`` sums per doc, in blocks
+    of about :data:`SCORE_BLOCK` postings (whole words) to bound the temporary copies."""
+    n_bytes = sigs.shape[1]
+    n_q = lo.size
+    lens = hi - lo
+    ends = np.cumsum(lens)
+    total = int(ends[-1])
+    contrib = np.empty(total, np.float64)
+    dd = np.empty(total, np.int64)
+    # one item per posting (a row gather of (n, bytes) uint8 is several times slower
+    # than a 1-D take of fixed-size items), then words as wide as the signature allows,
+    # popcounted one column at a time (no per-row sum over a temporary)
+    wide = np.uint64 if n_bytes % 8 == 0 else np.uint32
+    rows = np.ascontiguousarray(sigs).view(np.dtype((np.void, n_bytes))).reshape(-1)
+    q_wide = np.ascontiguousarray(qs).view(wide)
+    # word blocks: [b0, b1) with about SCORE_BLOCK postings each (at least one word)
+    cuts = np.searchsorted(ends, np.arange(SCORE_BLOCK, total, SCORE_BLOCK), side="left")
+    bounds = np.unique(np.r_[0, cuts + 1, n_q].clip(0, n_q))
+    for b0, b1 in itertools.pairwise(bounds.tolist()):
+        p0 = int(ends[b0 - 1]) if b0 else 0
+        p1 = int(ends[b1 - 1])
+        if p1 == p0:
+            continue
+        ln = lens[b0:b1]
+        idx = np.arange(p0, p1, dtype=np.int64) + np.repeat(lo[b0:b1] - (ends[b0:b1] - ln), ln)
+        g = rows.take(idx).view(wide).reshape(idx.size, -1)
+        h = np.zeros(idx.size, np.int64)
+        for j in range(g.shape[1]):
+            h += np.bitwise_count(g[:, j] ^ np.repeat(q_wide[b0:b1, j], ln))
+        d = np.asarray(docs[idx]).astype(np.int64)
+        w = wts[d] if per_doc else np.asarray(wts[idx])
+        contrib[p0:p1] = table[h] * w
+        if qwt is not None:
+            contrib[p0:p1] *= np.repeat(qwt[b0:b1], ln)
+        dd[p0:p1] = d
+    acc = np.bincount(dd, weights=contrib, minlength=n_docs)
+    if acc.size != n_docs:
+        raise ValueError(f"postings name a doc id >= {n_docs} (a damaged index?)")
+    return acc
+
+
+def _accumulate_native(lib: Any, lo: np.ndarray, hi: np.ndarray, qs: np.ndarray,
+                       sigs: np.ndarray, docs: np.ndarray, wts: np.ndarray, per_doc: bool,
+                       table: np.ndarray, qwt: np.ndarray | None, n_docs: int) -> np.ndarray:
+    """:func:`_accumulate_numpy` in one compiled pass (``asmk_native.c``), same sums."""
+    lo, hi = np.ascontiguousarray(lo, np.int64), np.ascontiguousarray(hi, np.int64)
+    qs, sigs = np.ascontiguousarray(qs, np.uint8), np.ascontiguousarray(sigs, np.uint8)
+    docs = np.ascontiguousarray(docs, np.uint32)  # memory-mapped index arrays: no copy
+    wts = np.ascontiguousarray(wts, np.float32)
+    table = np.ascontiguousarray(table, np.float64)
+    q = None if qwt is None else np.ascontiguousarray(qwt, np.float64)
+    acc = np.zeros(n_docs, np.float64)
+    bad = lib.asmk_accumulate(n_docs, lo.size, lo.ctypes.data, hi.ctypes.data, qs.ctypes.data,
+                              sigs.ctypes.data, sigs.shape[1], docs.ctypes.data, wts.ctypes.data,
+                              int(per_doc), table.ctypes.data,
+                              None if q is None else q.ctypes.data, acc.ctypes.data)
+    if bad:
+        raise ValueError(f"{bad} postings name a doc id >= {n_docs} (a damaged index?)")
+    return acc
+
+
 # --------------------------------------------------------------------------- scoring
 
 def score_postings(query_words: np.ndarray, query_sigs: np.ndarray, offsets: np.ndarray,
@@ -299,7 +369,7 @@ def score_postings(query_words: np.ndarray, query_sigs: np.ndarray, offsets: np.
                    alpha: float = DEFAULT_ALPHA, tau: float = DEFAULT_TAU,
                    n_bits: int | None = None, *, per_doc: bool | None = None,
                    query_weights: np.ndarray | None = None,
-                   sigma: str = "asmk") -> np.ndarray:
+                   sigma: str = "asmk", native: bool = True) -> np.ndarray:
     """ASMK scores (float32 (n_docs,)) of one aggregated query against the postings.
 
     ``query_words``/``query_sigs``: :func:`aggregate`'s output for the query (unique
@@ -311,12 +381,10 @@ def score_postings(query_words: np.ndarray, query_sigs: np.ndarray, offsets: np.
     ``asmk_weighting`` setting). ``sigma``: the selectivity function
     (:func:`kernel_table`; ``asmk``, the reference, or ``shifted``).
 
-    Vectorised: one index array gathers every posting run ``offsets[w]:offsets[w+1]`` of
-    the query's words (``np.repeat`` of the run starts + ``arange``), the query signature
-    of each word is repeated over its run, XOR + popcount give the Hamming distances, a
-    table gives the kernel (:func:`kernel_table`) and ``np.bincount`` sums per doc. Runs
-    are processed in blocks of about :data:`SCORE_BLOCK` postings (whole words) to bound
-    the temporary signature copies."""
+    The kernel is looked up in a table (:func:`kernel_table`) by each posting's Hamming
+    distance and summed per doc, in float64, by the compiled loop of
+    :mod:`lib.index.native` when it is available (``native=False`` forbids it), else by
+    numpy (:func:`_accumulate_numpy`): the same sums either way."""
     qw = np.asarray(query_words, np.int64).ravel()
     qs = np.asarray(query_sigs, np.uint8)
     n_words = np.asarray(offsets).size - 1
@@ -344,41 +412,19 @@ def score_postings(query_words: np.ndarray, query_sigs: np.ndarray, offsets: np.
         qwt = np.asarray(query_weights, np.float64).ravel()
         if qwt.shape != qw.shape:
             raise ValueError(f"{qwt.size} query weights for {qw.size} query words")
+    if not int(np.asarray(offsets)[-1]) <= docs.size == sigs.shape[0]:
+        raise ValueError(f"offsets end at {int(np.asarray(offsets)[-1])} for {docs.size} "
+                         f"docs and {sigs.shape[0]} signatures")
     lo = offsets[qw].astype(np.int64)
-    lens = offsets[qw + 1].astype(np.int64) - lo
-    ends = np.cumsum(lens)
-    total = int(ends[-1])
-    if total == 0:
+    hi = offsets[qw + 1].astype(np.int64)
+    if int((hi - lo).sum()) == 0:
         return scores
-    contrib = np.empty(total, np.float64)
-    dd = np.empty(total, np.int64)
-    # one item per posting (a row gather of (n, bytes) uint8 is several times slower
-    # than a 1-D take of fixed-size items), then words as wide as the signature allows,
-    # popcounted one column at a time (no per-row sum over a temporary)
-    wide = np.uint64 if n_bytes % 8 == 0 else np.uint32
-    rows = np.ascontiguousarray(sigs).view(np.dtype((np.void, n_bytes))).reshape(-1)
-    q_wide = np.ascontiguousarray(qs).view(wide)
-    # word blocks: [b0, b1) with about SCORE_BLOCK postings each (at least one word)
-    cuts = np.searchsorted(ends, np.arange(SCORE_BLOCK, total, SCORE_BLOCK), side="left")
-    bounds = np.unique(np.r_[0, cuts + 1, qw.size].clip(0, qw.size))
-    for b0, b1 in itertools.pairwise(bounds.tolist()):
-        p0 = int(ends[b0 - 1]) if b0 else 0
-        p1 = int(ends[b1 - 1])
-        if p1 == p0:
-            continue
-        ln = lens[b0:b1]
-        idx = np.arange(p0, p1, dtype=np.int64) + np.repeat(lo[b0:b1] - (ends[b0:b1] - ln), ln)
-        g = rows.take(idx).view(wide).reshape(idx.size, -1)
-        h = np.zeros(idx.size, np.int64)
-        for j in range(g.shape[1]):
-            h += np.bitwise_count(g[:, j] ^ np.repeat(q_wide[b0:b1, j], ln))
-        d = np.asarray(docs[idx]).astype(np.int64)
-        w = wts[d] if per_doc else np.asarray(wts[idx])
-        contrib[p0:p1] = table[h] * w
-        if qwt is not None:
-            contrib[p0:p1] *= np.repeat(qwt[b0:b1], ln)
-        dd[p0:p1] = d
-    acc = np.bincount(dd, weights=contrib, minlength=n_docs)
+    lib = asmk_library() if native else None
+    if lib is not None:
+        acc = _accumulate_native(lib, lo, hi, qs, sigs, docs, wts, per_doc, table, qwt,
+                                 n_docs)
+    else:
+        acc = _accumulate_numpy(lo, hi, qs, sigs, docs, wts, per_doc, table, qwt, n_docs)
     if qwt is not None:
         return acc.astype(np.float32)
     return (acc / np.sqrt(qw.size)).astype(np.float32)

@@ -1,0 +1,117 @@
+"""The compiled ASMK scoring loop (``asmk_native.c``), built on first use.
+
+Why compiled: the kernel reads every posting of every query word, several times as many
+as BoW touches with query multiple assignment, and numpy needs about ten passes over
+temporary arrays per posting where one C loop needs one. The C file is built with the
+system's C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) into a per-user cache
+(``$BLCF_CACHE``, else ``$XDG_CACHE_HOME/blcf``, else ``~/.cache/blcf``), under a name
+that hashes the source, the flags and the platform, so a changed source or another
+machine type builds its own copy. The build goes to a temporary file renamed into place,
+so processes building at once (cluster workers) never load a half-written library.
+
+Without a compiler, or with ``BLCF_NATIVE=0``, :func:`asmk_library` returns None and
+:mod:`lib.index.asmk` scores with numpy: the same scores, bit for bit (a test holds the
+two paths to that), only slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("asmk_native.c")
+# -ffp-contract=off: no fused multiply-add, so the sums equal numpy's bit for bit
+FLAGS = ("-O3", "-ffp-contract=off", "-fPIC", "-shared")
+_X86_FLAGS = ("-mpopcnt",)  # every x86-64 CPU since 2008 has the instruction
+
+_lock = threading.Lock()
+_state: dict[str, ctypes.CDLL | None] = {}
+
+
+def _flags() -> tuple[str, ...]:
+    machine = platform.machine().lower()
+    return FLAGS + (_X86_FLAGS if machine in ("x86_64", "amd64") else ())
+
+
+def cache_dir() -> Path:
+    if os.environ.get("BLCF_CACHE"):
+        return Path(os.environ["BLCF_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "blcf"
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC")
+    if cc:
+        return shutil.which(cc)
+    for name in ("cc", "gcc", "clang"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def library_path() -> Path:
+    """Where the built library lives: its name hashes the source, flags and platform."""
+    h = hashlib.sha256(SOURCE.read_bytes())
+    h.update(" ".join(_flags()).encode())
+    h.update(f"{sys.platform} {platform.machine()}".encode())
+    suffix = ".dll" if sys.platform == "win32" else ".so"
+    return cache_dir() / f"asmk_native-{h.hexdigest()[:16]}{suffix}"
+
+
+def _build(target: Path) -> None:
+    cc = _compiler()
+    if cc is None:
+        raise OSError("no C compiler found (set CC)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.stem, suffix=".tmp")
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *_flags(), "-o", tmp, str(SOURCE)],
+                              capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise OSError(f"{cc} failed: {proc.stderr.strip()[-500:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load() -> ctypes.CDLL:
+    target = library_path()
+    if not target.exists():
+        _build(target)
+        log.info("built the ASMK scoring loop: %s", target)
+    lib = ctypes.CDLL(str(target))
+    p = ctypes.c_void_p
+    lib.asmk_accumulate.argtypes = [ctypes.c_int64, ctypes.c_int64, p, p, p, p,
+                                    ctypes.c_int64, p, p, ctypes.c_int, p, p, p]
+    lib.asmk_accumulate.restype = ctypes.c_int64
+    return lib
+
+
+def asmk_library() -> ctypes.CDLL | None:
+    """The loaded library, built on first use; None when disabled (``BLCF_NATIVE=0``) or
+    when it cannot be built or loaded (logged once; numpy then scores)."""
+    if os.environ.get("BLCF_NATIVE", "1") == "0":
+        return None
+    with _lock:
+        if "lib" not in _state:
+            try:
+                _state["lib"] = _load()
+            except (OSError, subprocess.SubprocessError) as e:
+                log.info("ASMK scoring with numpy (the compiled loop is unavailable: %s)", e)
+                _state["lib"] = None
+        return _state["lib"]

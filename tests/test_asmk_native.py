@@ -1,0 +1,139 @@
+"""The compiled ASMK scoring loop (lib/index/native.py, asmk_native.c): the same scores as
+numpy bit for bit, its refusals, and the fallback when it cannot be built."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lib.index import native
+from lib.index.asmk import score_postings
+
+
+def _index(rng: np.random.Generator, n_bytes: int, n_words: int = 40, n_docs: int = 200
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    lens = rng.integers(0, 60, n_words)
+    lens[3] = 0  # a word without postings
+    offsets = np.r_[0, np.cumsum(lens)].astype(np.int64)
+    docs = np.concatenate([np.sort(rng.choice(n_docs, n, replace=False)) for n in lens])
+    sigs = rng.integers(0, 256, (docs.size, n_bytes), dtype=np.uint8)
+    return offsets, docs.astype(np.uint32), sigs
+
+
+needs_library = pytest.mark.skipif(native.asmk_library() is None,
+                                   reason="no C compiler: the compiled loop is unavailable")
+
+
+@needs_library
+@pytest.mark.parametrize("n_bytes", [4, 8, 12, 16, 64])
+def test_compiled_loop_equals_numpy_bit_for_bit(n_bytes: int) -> None:
+    rng = np.random.default_rng(n_bytes)
+    offsets, docs, sigs = _index(rng, n_bytes)
+    n_docs = 200
+    for per_doc in (False, True):
+        for weighted in (False, True):
+            for sigma, alpha, tau in (("asmk", 3.0, 0.0), ("shifted", 0.25, -1.0)):
+                w = rng.random(n_docs if per_doc else docs.size).astype(np.float32)
+                qw = np.sort(rng.choice(40, 25, replace=False))
+                qs = rng.integers(0, 256, (qw.size, n_bytes), dtype=np.uint8)
+                qs[0] = sigs[offsets[qw[0]]] if offsets[qw[0] + 1] > offsets[qw[0]] else qs[0]
+                qwt = rng.random(qw.size) if weighted else None
+                kw = {"alpha": alpha, "tau": tau, "per_doc": per_doc, "query_weights": qwt,
+                      "sigma": sigma}
+                fast = score_postings(qw, qs, offsets, docs, sigs, w, n_docs, **kw)
+                slow = score_postings(qw, qs, offsets, docs, sigs, w, n_docs, native=False,
+                                      **kw)
+                assert fast.dtype == np.float32 and np.count_nonzero(fast) > 10
+                np.testing.assert_array_equal(fast, slow)
+
+
+@needs_library
+def test_memory_mapped_index_is_read_in_place(tmp_path: Path) -> None:
+    """The index's arrays are memory-mapped: the loop reads them without a copy and
+    gives numpy's scores."""
+    rng = np.random.default_rng(7)
+    offsets, docs, sigs = _index(rng, 16)
+    w = rng.random(docs.size).astype(np.float32)
+    for name, arr in (("docs", docs), ("sigs", sigs), ("w", w)):
+        np.save(tmp_path / f"{name}.npy", arr)
+    mm = {n: np.load(tmp_path / f"{n}.npy", mmap_mode="r") for n in ("docs", "sigs", "w")}
+    qw = np.arange(0, 40, 2)
+    qs = rng.integers(0, 256, (qw.size, 16), dtype=np.uint8)
+    fast = score_postings(qw, qs, offsets, mm["docs"], mm["sigs"], mm["w"], 200, per_doc=False)
+    slow = score_postings(qw, qs, offsets, docs, sigs, w, 200, per_doc=False, native=False)
+    np.testing.assert_array_equal(fast, slow)
+
+
+@pytest.mark.parametrize("use_native", [True, False])
+def test_a_doc_id_beyond_the_database_is_refused(use_native: bool) -> None:
+    if use_native and native.asmk_library() is None:
+        pytest.skip("no C compiler")
+    rng = np.random.default_rng(1)
+    offsets, docs, sigs = _index(rng, 16)
+    docs = docs.copy()
+    docs[offsets[5]] = 200  # one past the last doc: a damaged index
+    qw = np.array([5])
+    qs = np.zeros((1, 16), np.uint8)
+    with pytest.raises(ValueError, match="doc id"):
+        score_postings(qw, qs, offsets, docs, sigs, np.ones(docs.size, np.float32), 200,
+                       per_doc=False, native=use_native)
+
+
+def test_offsets_beyond_the_postings_are_refused() -> None:
+    rng = np.random.default_rng(2)
+    offsets, docs, sigs = _index(rng, 16)
+    with pytest.raises(ValueError, match="offsets end"):
+        score_postings(np.array([0]), np.zeros((1, 16), np.uint8), offsets, docs[:-1],
+                       sigs[:-1], np.ones(docs.size - 1, np.float32), 200, per_doc=False)
+
+
+def _fresh(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("BLCF_CACHE", str(tmp_path / "cache"))
+
+
+def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _fresh(monkeypatch, tmp_path)
+    monkeypatch.setenv("BLCF_NATIVE", "0")
+    assert native.asmk_library() is None
+    assert not (tmp_path / "cache").exists()  # nothing built
+
+
+def test_a_failing_compiler_falls_back_to_numpy(monkeypatch: pytest.MonkeyPatch,
+                                                tmp_path: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    _fresh(monkeypatch, tmp_path)
+    monkeypatch.setenv("CC", "false")  # exists everywhere, always fails
+    with caplog.at_level(logging.INFO, logger="lib.index.native"):
+        assert native.asmk_library() is None
+    assert "numpy" in caplog.text and "failed" in caplog.text
+    assert list((tmp_path / "cache").iterdir()) == []  # no half-written library left
+    rng = np.random.default_rng(3)
+    offsets, docs, sigs = _index(rng, 16)
+    s = score_postings(np.array([0, 1, 2]), sigs[[0, offsets[1], offsets[2]]], offsets, docs,
+                       sigs, np.ones(docs.size, np.float32), 200, per_doc=False)
+    assert s.max() > 0  # scored by numpy
+
+
+def test_missing_compiler_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _fresh(monkeypatch, tmp_path)
+    monkeypatch.setenv("CC", "no-such-compiler-blcf")
+    assert native.asmk_library() is None
+
+
+@needs_library
+def test_built_once_into_a_name_that_hashes_the_source(monkeypatch: pytest.MonkeyPatch,
+                                                       tmp_path: Path) -> None:
+    _fresh(monkeypatch, tmp_path)
+    lib = native.asmk_library()
+    assert lib is not None and native.asmk_library() is lib  # loaded once per process
+    built = list((tmp_path / "cache").iterdir())
+    assert built == [native.library_path()]
+    # another source gets another name, so a changed loop is never served stale
+    changed = tmp_path / "asmk_native.c"
+    changed.write_text(native.SOURCE.read_text() + "\n/* changed */\n")
+    monkeypatch.setattr(native, "SOURCE", changed)
+    assert native.library_path() != built[0]
