@@ -20,8 +20,15 @@ Reported per query, then summarised: whether both found the same words, how many
 aggregated signatures are bit-identical (database side: all images), the largest
 absolute score difference, and the agreement of the top ``--top`` images (both score
 arrays ranked with the project's tie rule, lib.search.rankings.rank_scores: same images
-as a set, same images at the same ranks). CPU times per query are printed for
-information (the timing benchmark is bench_vs_asmk.py).
+as a set, same images at the same ranks). CPU times per query, end to end (quantisation,
+aggregation, scores, full ranking), are measured on the same real queries for asmk, for
+ours with the same exact multiple assignment, and for ours with the approximate one that
+step D uses with ``assignment = approximate`` (``Codebook.nearest``, its shortlist tuned
+on database features as step C tunes it); the approximate words are compared with the
+exact ones (share of each feature's k words found, Jaccard of the query's word sets) and
+its top ``--top`` with asmk's. Each query is timed once per system, the systems one
+after the other, so a slow phase of a shared machine hits them alike; medians are
+reported.
 
     .venv/bin/python benchmarks/bench_asmk_parity.py --store RUN/features/X.lmdb \\
         --models RUN/models [--new-dim 42 32] [--ma 5] [--n-bits 128]
@@ -126,6 +133,12 @@ def main(argv: list[str] | None = None) -> None:
           f"words differing {word_diff}; signatures identical {sig_same} of {sig_all}",
           flush=True)
 
+    cba = Codebook(cent, "approximate")  # step D's approximate MA, tuned like step C
+    sample = np.concatenate(feats)
+    sample = sample[np.random.default_rng(a.seed).permutation(len(sample))[:10000]]
+    agreement = cba.tune(sample)
+    print(f"approximate assignment: {cba.n_candidates} candidates, agreement with exact "
+          f"{agreement:.4f} (nearest word)", flush=True)
     rng = np.random.default_rng(a.seed)
     picks = np.linspace(0, n_docs - 1, min(a.queries, n_docs)).round().astype(int)
     sim = {"alpha": a.alpha, "similarity_threshold": a.tau}
@@ -137,7 +150,15 @@ def main(argv: list[str] | None = None) -> None:
         uw, qs = aggregate(x, qw, cent, n_bits)
         ours = score_postings(uw, qs, offsets, docs, sigs, dw, n_docs, alpha=a.alpha,
                               tau=a.tau, n_bits=n_bits, per_doc=True)
+        rank_scores(ours)
         t_ours = time.process_time() - t
+        t = time.process_time()
+        qwa = cba.nearest(x, a.ma)
+        uwa, qsa = aggregate(x, qwa, cent, n_bits)
+        approx = score_postings(uwa, qsa, offsets, docs, sigs, dw, n_docs, alpha=a.alpha,
+                                tau=a.tau, n_bits=n_bits, per_doc=True)
+        top_a = rank_scores(approx)[:a.top]
+        t_approx = time.process_time() - t
         t = time.process_time()
         _, aw = acdb.quantize(x, multiple_assignment=a.ma)
         ades, aids = kern.aggregate_image(np.ascontiguousarray(x[:, :n_bits]), aw)
@@ -155,13 +176,19 @@ def main(argv: list[str] | None = None) -> None:
             "max_score": float(ref.max()),
             "overlap": len(set(top_o.tolist()) & set(top_r.tolist())) / top_o.size,
             "same_rank": float(np.mean(top_o == top_r)), "ms_ours": 1e3 * t_ours,
-            "ms_asmk": 1e3 * t_asmk})
+            "ms_asmk": 1e3 * t_asmk, "ms_approx": 1e3 * t_approx,
+            "approx_pairs": float(np.mean([np.intersect1d(u, v).size for u, v in
+                                           zip(qwa, qw)]) / a.ma),
+            "approx_jaccard": np.intersect1d(uwa, uw).size / np.union1d(uwa, uw).size,
+            "approx_overlap": len(set(top_a.tolist()) & set(top_r.tolist())) / top_a.size})
         r = rows[-1]
         print(f"query {qi:4d} ({x.shape[0]} features, {r['n_words']} words): words same "
               f"{r['words_same']}, signatures same {r['sigs_same']}/{r['n_words']}, max |diff| "
               f"{r['max_abs']:.2e} (top score {r['max_score']:.4f}), top-{a.top} overlap "
               f"{r['overlap']:.2f}, same rank {r['same_rank']:.2f}; CPU {r['ms_ours']:.1f} "
-              f"ms ours, {r['ms_asmk']:.1f} ms asmk", flush=True)
+              f"ms ours, {r['ms_asmk']:.1f} ms asmk, {r['ms_approx']:.1f} ms ours approximate MA "
+              f"(words: {r['approx_pairs']:.3f} of the k, Jaccard {r['approx_jaccard']:.3f}; "
+              f"top-{a.top} overlap with asmk {r['approx_overlap']:.2f})", flush=True)
     n = len(rows)
     print(f"\nsummary over {n} queries: words same in {sum(r['words_same'] for r in rows)}; "
           f"query signatures identical {sum(r['sigs_same'] for r in rows)} of "
@@ -172,6 +199,13 @@ def main(argv: list[str] | None = None) -> None:
           f"{np.mean([r['same_rank'] for r in rows]):.3f}; median CPU per query "
           f"{np.median([r['ms_ours'] for r in rows]):.1f} ms ours, "
           f"{np.median([r['ms_asmk'] for r in rows]):.1f} ms asmk")
+    med = {k: float(np.median([r[k] for r in rows])) for k in ("ms_ours", "ms_asmk", "ms_approx")}
+    print(f"end to end, median CPU ms per query: asmk {med['ms_asmk']:.1f}, ours exact MA "
+          f"{med['ms_ours']:.1f} ({med['ms_asmk'] / med['ms_ours']:.1f}x), ours approximate "
+          f"MA {med['ms_approx']:.1f} ({med['ms_asmk'] / med['ms_approx']:.1f}x); approximate "
+          f"words: {np.mean([r['approx_pairs'] for r in rows]):.3f} of the k, Jaccard "
+          f"{np.mean([r['approx_jaccard'] for r in rows]):.3f}; top-{a.top} overlap with asmk "
+          f"{np.mean([r['approx_overlap'] for r in rows]):.3f}")
 
 
 if __name__ == "__main__":

@@ -389,6 +389,13 @@ def score_queries(a: argparse.Namespace, gen: SyntheticMaps, ivf: InvertedFile
         w, s = asmk[kind][i]
         return ivf.asmk_scores(w, s, a.alpha, a.tau, a.bits)
 
+    def asmk_numpy(kind: str, i: int) -> np.ndarray:
+        """The same scores without the compiled loop (lib.index.native)."""
+        w, s = asmk[kind][i]
+        return score_postings(w, s, a_off, ivf.asmk_docs, ivf.asmk_signatures,
+                              ivf.asmk_weights, ivf.n_docs, a.alpha, a.tau, a.bits,
+                              per_doc=False, native=False)
+
     queries: dict[str, Any] = {"model": model}
     for k in ("box", "full"):
         bt = [ivf.postings_touched(q) for q in bow[k]]
@@ -406,6 +413,8 @@ def score_queries(a: argparse.Namespace, gen: SyntheticMaps, ivf: InvertedFile
         "asmk_box": lambda i: asmk_scores("box", i),
         "bow_full": lambda i: ivf.scores(bow["full"][i]),
         "asmk_full": lambda i: asmk_scores("full", i),
+        "asmk_box_numpy": lambda i: asmk_numpy("box", i),
+        "asmk_full_numpy": lambda i: asmk_numpy("full", i),
         "rank_bow_scores": lambda i: rank_scores(s_bow[i]),
         "rank_asmk_scores": lambda i: rank_scores(s_asmk[i]),
         "bow_box_ranked": lambda i: ivf.search(bow["box"][i]),
@@ -419,6 +428,8 @@ def score_queries(a: argparse.Namespace, gen: SyntheticMaps, ivf: InvertedFile
     ratios = {}
     for k in ("box", "full"):
         ratios[f"asmk_over_bow_{k}"] = tm[f"asmk_{k}"]["median_ms"] / tm[f"bow_{k}"]["median_ms"]
+        ratios[f"asmk_numpy_over_bow_{k}"] = (tm[f"asmk_{k}_numpy"]["median_ms"]
+                                              / tm[f"bow_{k}"]["median_ms"])
         ratios[f"asmk_over_bow_{k}_ranked"] = (tm[f"asmk_{k}_ranked"]["median_ms"]
                                                / tm[f"bow_{k}_ranked"]["median_ms"])
         for kern in ("bow", "asmk"):
@@ -444,6 +455,9 @@ def report_scoring(r: dict[str, Any]) -> None:
               f"({x['p95_ms']:.2f}) | {r['ratios'][f'asmk_over_bow_{k}']:.1f}x | "
               f"{t[f'bow_{k}_ranked']['median_ms']:.2f} / "
               f"{t[f'asmk_{k}_ranked']['median_ms']:.2f} |")
+    print("ASMK scored by numpy instead of the compiled loop: " + ", ".join(
+        f"{k} {t[f'asmk_{k}_numpy']['median_ms']:.2f} ms "
+        f"({r['ratios'][f'asmk_numpy_over_bow_{k}']:.1f}x BoW)" for k in ("box", "full")))
     print(f"rank_scores alone: {t['rank_bow_scores']['median_ms']:.2f} ms (BoW scores), "
           f"{t['rank_asmk_scores']['median_ms']:.2f} ms (ASMK scores); CPU ns per posting: "
           f"BoW {q['box']['bow_cpu_ns_per_posting']:.1f}, "

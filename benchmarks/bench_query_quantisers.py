@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""Nearest-word searches for ASMK's query multiple assignment, on real features.
+
+A query photo's end-to-end time under ``kernel = asmk`` is mostly the search for the
+``--ma`` nearest words of each of its local features. This compares, on one thread and on
+the features of a finished run (feature store + PCA + codebook, read as step C reads
+them), exact search (faiss ``IndexFlatL2``, what the asmk package does), the PQ shortlist
+that step D uses with ``assignment = approximate`` (``Codebook.nearest``, tuned on
+database features as step C tunes it, then at fixed lengths), HNSW and IVF over the
+codebook. Queries: the central two thirds (each side) of ``--queries`` images spread over
+the store. Reported per method: median CPU ms per query and the share of each feature's
+``--ma`` exact words that it finds, and the Jaccard index of the query's word sets.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_query_quantisers.py RUN --new-dim 64 48
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from lib.features.feature_store import FeatureStore
+from lib.features.local_features import LocalFeatureReader
+from lib.index.asmk import centroid_index, query_words
+from lib.vocabulary.codebook import Codebook
+from lib.vocabulary.pca import PCAWhitening
+
+
+def central(hw: tuple[int, int]) -> np.ndarray:
+    h, w = hw
+    m = np.zeros((h, w), bool)
+    m[h // 6:h - h // 6, w // 6:w - w // 6] = True
+    return m.ravel()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", type=Path, help="finished run folder (features/, models/)")
+    ap.add_argument("--new-dim", type=int, nargs=2, default=None, help="maps as step C reads")
+    ap.add_argument("--ma", type=int, default=5)
+    ap.add_argument("--queries", type=int, default=15)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+
+    pca = PCAWhitening.load(a.run / "models" / "pca.npz")
+    cb = Codebook.load(a.run / "models" / "codebook.npy", mode="approximate")
+    stores = sorted((a.run / "features").glob("*.lmdb"))
+    store = FeatureStore(stores[0])
+    reader = LocalFeatureReader(store, a.new_dim, l2norm=True, pca=pca)
+    ids = store.ids()
+    rng = np.random.default_rng(a.seed)
+    sample = np.concatenate([reader.features_and_shape(ids[i])[0]
+                             for i in rng.choice(len(ids), min(40, len(ids)), replace=False)])
+    agree = cb.tune(sample[rng.permutation(len(sample))[:20000]])
+    tuned = cb.n_candidates
+    queries = []
+    for i in np.linspace(0, len(ids) - 1, a.queries).round().astype(int):
+        x, hw = reader.features_and_shape(ids[i])
+        queries.append(np.ascontiguousarray(x[central(hw)]))
+    print(f"{stores[0].name}: {cb.k} words, {cb.dim}-D; {a.queries} queries, median "
+          f"{np.median([len(x) for x in queries]):.0f} features; PQ shortlist tuned to "
+          f"{tuned} candidates ({agree:.4f} agreement on the nearest word)", flush=True)
+    exact_index = centroid_index(cb.centroids)
+    exact = [query_words(exact_index, x, a.ma) for x in queries]
+
+    methods: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+        "exact (faiss IndexFlatL2)": lambda x: query_words(exact_index, x, a.ma)}
+    for n in sorted({tuned, 8, 16, 32}):
+        def pq(x: np.ndarray, n: int = n) -> np.ndarray:
+            cb.n_candidates = n
+            return cb.nearest(x, a.ma)
+        methods[f"PQ shortlist, {n} candidates" + (" (tuned)" if n == tuned else "")] = pq
+    nlist = int(4 * np.sqrt(cb.k))
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlatL2(cb.dim), cb.dim, nlist)
+    ivf.cp.seed = 1234
+    ivf.train(cb.centroids)
+    ivf.add(cb.centroids)
+    for probes in (4, 8, 16, 32):
+        def ivf_search(x: np.ndarray, probes: int = probes) -> np.ndarray:
+            ivf.nprobe = probes
+            return ivf.search(x, a.ma)[1]
+        methods[f"IVF, {nlist} lists, {probes} probes"] = ivf_search
+    hnsw = faiss.IndexHNSWFlat(cb.dim, 32)
+    hnsw.hnsw.efConstruction = 80
+    hnsw.add(cb.centroids)
+    for ef in (16, 32, 64):
+        def hnsw_search(x: np.ndarray, ef: int = ef) -> np.ndarray:
+            hnsw.hnsw.efSearch = ef
+            return hnsw.search(x, a.ma)[1]
+        methods[f"HNSW, M 32, ef {ef}"] = hnsw_search
+
+    # in rotation: every query goes through every method before the next query, so a
+    # slow phase of a shared machine hits them alike
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    out: dict[str, list[np.ndarray]] = {m: [] for m in methods}
+    for f in methods.values():
+        f(queries[0])  # warm-up
+    for x in queries:
+        for m, f in methods.items():
+            t = time.process_time()
+            out[m].append(f(x))
+            times[m].append(time.process_time() - t)
+    print("| method | ms per query | exact words found | Jaccard of word sets |")
+    print("|---|---|---|---|")
+    for m in methods:
+        found = np.mean([np.mean([np.intersect1d(u, v).size for u, v in zip(o, e)]) / a.ma
+                         for o, e in zip(out[m], exact)])
+        jac = np.mean([np.intersect1d(o, e).size / np.union1d(o, e).size
+                       for o, e in zip(out[m], exact)])
+        print(f"| {m} | {1e3 * np.median(times[m]):.1f} | {found:.4f} | {jac:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
