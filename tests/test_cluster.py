@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -322,3 +324,25 @@ def _stores(run: Path) -> dict[str, Any]:
         out[p.parent.relative_to(run).as_posix()] = (
             recs, {k: v for k, v in meta.items() if k not in VOLATILE})
     return out
+
+
+def test_worker_threads_keep_torch_count_when_faiss_differs() -> None:
+    """A driver that imported faiss before torch can send faiss 2 and torch 1. In a worker
+    whose torch and faiss share an OpenMP runtime, setting faiss after torch used to give
+    the second task torch's count 2, so its maps differed from the store's (found when
+    tests/test_settings.py ran before this module). Run as a worker runs tasks: a fresh
+    process, torch imported first, repeated calls in a non-main thread."""
+    code = (
+        "import threading, torch, faiss\n"
+        "from lib.cluster.shards import _set_threads\n"
+        "out = []\n"
+        "def work():\n"
+        "    for _ in range(3):\n"
+        "        _set_threads({'torch': 1, 'faiss': 2})\n"
+        "        out.append(torch.get_num_threads())\n"
+        "t = threading.Thread(target=work); t.start(); t.join()\n"
+        "print(out)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[1, 1, 1]"

@@ -166,16 +166,22 @@ def _summary(rec: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _set_threads(threads: Mapping[str, int | None]) -> None:
-    """The driver's thread counts, in this worker process (see the module doc)."""
+    """The driver's thread counts, in this worker process (see the module doc).
+
+    faiss first, torch last. Where torch and faiss share one OpenMP runtime (a worker that
+    imported torch first), faiss's call changes torch's count too: with torch set first,
+    a worker's second task ran with faiss's count. A driver that imported faiss first
+    holds two runtimes and can send two different counts, so this happened. Torch's
+    count is the one the feature bits depend on, so it is set last."""
     import torch
 
-    if threads.get("torch"):
-        torch.set_num_threads(int(threads["torch"]))
     if threads.get("faiss"):
         with contextlib.suppress(ImportError, AttributeError):
             import faiss
 
             faiss.omp_set_num_threads(int(threads["faiss"]))
+    if threads.get("torch"):
+        torch.set_num_threads(int(threads["torch"]))
 
 
 def driver_threads() -> dict[str, int | None]:
