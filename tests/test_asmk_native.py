@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lib.index import native
-from lib.index.asmk import score_postings
+from lib.index import asmk, native
+from lib.index.asmk import kernel_table, score_postings
 
 
 def _index(rng: np.random.Generator, n_bytes: int, n_words: int = 40, n_docs: int = 200
@@ -51,6 +51,27 @@ def test_compiled_loop_equals_numpy_bit_for_bit(n_bytes: int) -> None:
 
 
 @needs_library
+def test_float64_sums_are_identical() -> None:
+    """The per-doc float64 sums themselves, before the float32 scores, to the bit."""
+    lib = native.asmk_library()
+    rng = np.random.default_rng(11)
+    for n_bytes in (4, 16, 64):
+        offsets, docs, sigs = _index(rng, n_bytes)
+        qw = np.sort(rng.choice(40, 30, replace=False))
+        qs = rng.integers(0, 256, (qw.size, n_bytes), dtype=np.uint8)
+        lo, hi = offsets[qw], offsets[qw + 1]
+        table = kernel_table(8 * n_bytes, 0.5, -1.0, "shifted").astype(np.float64)
+        for per_doc in (False, True):
+            w = rng.random(200 if per_doc else docs.size).astype(np.float32)
+            for qwt in (None, rng.random(qw.size)):
+                args = (lo, hi, qs, sigs, docs, w, per_doc, table, qwt, 200)
+                fast = asmk._accumulate_native(lib, *args)
+                slow = asmk._accumulate_numpy(*args)
+                assert np.count_nonzero(fast) > 10
+                np.testing.assert_array_equal(fast.view(np.int64), slow.view(np.int64))
+
+
+@needs_library
 def test_memory_mapped_index_is_read_in_place(tmp_path: Path) -> None:
     """The index's arrays are memory-mapped: the loop reads them without a copy and
     gives numpy's scores."""
@@ -62,6 +83,8 @@ def test_memory_mapped_index_is_read_in_place(tmp_path: Path) -> None:
     mm = {n: np.load(tmp_path / f"{n}.npy", mmap_mode="r") for n in ("docs", "sigs", "w")}
     qw = np.arange(0, 40, 2)
     qs = rng.integers(0, 256, (qw.size, 16), dtype=np.uint8)
+    for name, dtype in (("docs", np.uint32), ("sigs", np.uint8), ("w", np.float32)):
+        assert np.shares_memory(asmk._c_array(mm[name], dtype), mm[name])  # no copy
     fast = score_postings(qw, qs, offsets, mm["docs"], mm["sigs"], mm["w"], 200, per_doc=False)
     slow = score_postings(qw, qs, offsets, docs, sigs, w, 200, per_doc=False, native=False)
     np.testing.assert_array_equal(fast, slow)
@@ -82,12 +105,57 @@ def test_a_doc_id_beyond_the_database_is_refused(use_native: bool) -> None:
                        per_doc=False, native=use_native)
 
 
-def test_offsets_beyond_the_postings_are_refused() -> None:
+@pytest.mark.parametrize("use_native", [True, False])
+@pytest.mark.parametrize("damage", ["beyond", "out_of_order", "negative"])
+def test_damaged_offsets_are_refused(use_native: bool, damage: str) -> None:
+    """The compiled loop reads the query words' runs unchecked, so damaged offsets must be
+    refused before it (it would read outside the arrays), and numpy refuses alike."""
+    if use_native and native.asmk_library() is None:
+        pytest.skip("no C compiler")
     rng = np.random.default_rng(2)
     offsets, docs, sigs = _index(rng, 16)
-    with pytest.raises(ValueError, match="offsets end"):
-        score_postings(np.array([0]), np.zeros((1, 16), np.uint8), offsets, docs[:-1],
-                       sigs[:-1], np.ones(docs.size - 1, np.float32), 200, per_doc=False)
+    offsets = offsets.copy()
+    if damage == "beyond":
+        offsets[6:] += docs.size  # words 5.. run past the last posting
+    elif damage == "out_of_order":
+        offsets[6] = offsets[5] - 1
+    else:
+        offsets[5] = -8
+    with pytest.raises(ValueError, match="offsets"):
+        score_postings(np.array([5]), np.zeros((1, 16), np.uint8), offsets, docs, sigs,
+                       np.ones(docs.size, np.float32), 200, per_doc=False, native=use_native)
+
+
+@pytest.mark.parametrize("use_native", [True, False])
+def test_a_doc_id_beyond_the_database_is_refused_with_doc_weights(use_native: bool) -> None:
+    if use_native and native.asmk_library() is None:
+        pytest.skip("no C compiler")
+    rng = np.random.default_rng(4)
+    offsets, docs, sigs = _index(rng, 16)
+    docs = docs.copy()
+    docs[offsets[5]] = 200
+    with pytest.raises(ValueError, match="doc id"):
+        score_postings(np.array([5]), np.zeros((1, 16), np.uint8), offsets, docs, sigs,
+                       np.ones(200, np.float32), 200, per_doc=True, native=use_native)
+
+
+def test_weights_and_doc_ids_are_taken_as_stored() -> None:
+    """Both paths score float32 weights and uint32 doc ids (the index's dtypes): float64
+    weights and int64 ids give the scores of their float32 / uint32 copies."""
+    rng = np.random.default_rng(5)
+    offsets, docs, sigs = _index(rng, 16)
+    w64 = rng.random(docs.size)
+    qw = np.arange(0, 40, 3)
+    qs = rng.integers(0, 256, (qw.size, 16), dtype=np.uint8)
+    for use_native in (True, False):
+        a = score_postings(qw, qs, offsets, docs.astype(np.int64), sigs, w64, 200,
+                           per_doc=False, native=use_native)
+        b = score_postings(qw, qs, offsets, docs, sigs, w64.astype(np.float32), 200,
+                           per_doc=False, native=use_native)
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="2\\*\\*32"):
+        score_postings(qw, qs, offsets, docs.astype(np.int64) + 2**32, sigs, w64, 200,
+                       per_doc=False)
 
 
 def _fresh(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -111,16 +179,52 @@ def test_a_failing_compiler_falls_back_to_numpy(monkeypatch: pytest.MonkeyPatch,
         assert native.asmk_library() is None
     assert "numpy" in caplog.text and "failed" in caplog.text
     assert list((tmp_path / "cache").iterdir()) == []  # no half-written library left
+
+    def no_native(*_: object) -> None:
+        raise AssertionError("the compiled loop was called")
+
+    monkeypatch.setattr(asmk, "_accumulate_native", no_native)
     rng = np.random.default_rng(3)
     offsets, docs, sigs = _index(rng, 16)
     s = score_postings(np.array([0, 1, 2]), sigs[[0, offsets[1], offsets[2]]], offsets, docs,
                        sigs, np.ones(docs.size, np.float32), 200, per_doc=False)
-    assert s.max() > 0  # scored by numpy
+    assert s.max() > 0  # scored, by numpy
 
 
-def test_missing_compiler_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_missing_compiler_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                    caplog: pytest.LogCaptureFixture) -> None:
     _fresh(monkeypatch, tmp_path)
     monkeypatch.setenv("CC", "no-such-compiler-blcf")
+    with caplog.at_level(logging.INFO, logger="lib.index.native"):
+        assert native.asmk_library() is None
+    assert "no-such-compiler-blcf" in caplog.text  # the message names what CC says
+
+
+@pytest.mark.skipif(native.shutil.which("gcc") is None, reason="no gcc")
+def test_cc_with_arguments(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """CC may be a command with arguments (``ccache gcc``, ``gcc -Wall``)."""
+    _fresh(monkeypatch, tmp_path)
+    monkeypatch.setenv("CC", "gcc -Wall")
+    assert native.asmk_library() is not None
+    assert native.library_path().exists()
+
+
+@needs_library
+def test_a_damaged_library_is_built_again(monkeypatch: pytest.MonkeyPatch,
+                                          tmp_path: Path) -> None:
+    _fresh(monkeypatch, tmp_path)
+    target = native.library_path()
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"not a shared library")
+    assert native.asmk_library() is not None
+    assert target.read_bytes()[:4] != b"not "
+
+
+@pytest.mark.parametrize("value", ["0", "false", "off", "No"])
+def test_disabled_by_any_false_value(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                     value: str) -> None:
+    _fresh(monkeypatch, tmp_path)
+    monkeypatch.setenv("BLCF_NATIVE", value)
     assert native.asmk_library() is None
 
 
@@ -132,6 +236,7 @@ def test_built_once_into_a_name_that_hashes_the_source(monkeypatch: pytest.Monke
     assert lib is not None and native.asmk_library() is lib  # loaded once per process
     built = list((tmp_path / "cache").iterdir())
     assert built == [native.library_path()]
+    assert built[0].stat().st_mode & 0o044  # readable by others sharing the cache
     # another source gets another name, so a changed loop is never served stale
     changed = tmp_path / "asmk_native.c"
     changed.write_text(native.SOURCE.read_text() + "\n/* changed */\n")

@@ -172,7 +172,8 @@ def _set_threads(threads: Mapping[str, int | None]) -> None:
     imported torch first), faiss's call changes torch's count too: with torch set first,
     a worker's second task ran with faiss's count. A driver that imported faiss first
     holds two runtimes and can send two different counts, so this happened. Torch's
-    count is the one the feature bits depend on, so it is set last."""
+    count is the one the feature bits depend on, so it is set last; in such a worker
+    faiss then runs with torch's count (faiss's results do not depend on it)."""
     import torch
 
     if threads.get("faiss"):

@@ -294,6 +294,19 @@ def doc_weights(docs: np.ndarray, n_docs: int) -> np.ndarray:
     return out
 
 
+def _doc_ids(docs: np.ndarray) -> np.ndarray:
+    """Doc ids as uint32, unchanged (no copy) when they already are; other integer ids
+    are converted only when they fit."""
+    d = np.asarray(docs)
+    if d.dtype == np.uint32:
+        return d
+    if d.dtype.kind not in "iu":
+        raise ValueError(f"doc ids of dtype {d.dtype}: expected integers")
+    if d.size and (int(d.min()) < 0 or int(d.max()) > np.iinfo(np.uint32).max):
+        raise ValueError("doc ids outside [0, 2**32)")
+    return d.astype(np.uint32)
+
+
 def _accumulate_numpy(lo: np.ndarray, hi: np.ndarray, qs: np.ndarray, sigs: np.ndarray,
                       docs: np.ndarray, wts: np.ndarray, per_doc: bool, table: np.ndarray,
                       qwt: np.ndarray | None, n_docs: int) -> np.ndarray:
@@ -331,27 +344,32 @@ def _accumulate_numpy(lo: np.ndarray, hi: np.ndarray, qs: np.ndarray, sigs: np.n
         for j in range(g.shape[1]):
             h += np.bitwise_count(g[:, j] ^ np.repeat(q_wide[b0:b1, j], ln))
         d = np.asarray(docs[idx]).astype(np.int64)
+        if d.max() >= n_docs:
+            raise ValueError(f"postings name a doc id >= {n_docs} (a damaged index?)")
         w = wts[d] if per_doc else np.asarray(wts[idx])
         contrib[p0:p1] = table[h] * w
         if qwt is not None:
             contrib[p0:p1] *= np.repeat(qwt[b0:b1], ln)
         dd[p0:p1] = d
-    acc = np.bincount(dd, weights=contrib, minlength=n_docs)
-    if acc.size != n_docs:
-        raise ValueError(f"postings name a doc id >= {n_docs} (a damaged index?)")
-    return acc
+    return np.bincount(dd, weights=contrib, minlength=n_docs)
+
+
+def _c_array(a: np.ndarray, dtype: Any) -> np.ndarray:
+    """``a`` as a contiguous, aligned array of ``dtype`` for a C pointer: the index's
+    memory-mapped arrays already are, so they are passed in place (no copy)."""
+    return np.require(a, dtype, ["C", "A"])
 
 
 def _accumulate_native(lib: Any, lo: np.ndarray, hi: np.ndarray, qs: np.ndarray,
                        sigs: np.ndarray, docs: np.ndarray, wts: np.ndarray, per_doc: bool,
                        table: np.ndarray, qwt: np.ndarray | None, n_docs: int) -> np.ndarray:
     """:func:`_accumulate_numpy` in one compiled pass (``asmk_native.c``), same sums."""
-    lo, hi = np.ascontiguousarray(lo, np.int64), np.ascontiguousarray(hi, np.int64)
-    qs, sigs = np.ascontiguousarray(qs, np.uint8), np.ascontiguousarray(sigs, np.uint8)
-    docs = np.ascontiguousarray(docs, np.uint32)  # memory-mapped index arrays: no copy
-    wts = np.ascontiguousarray(wts, np.float32)
-    table = np.ascontiguousarray(table, np.float64)
-    q = None if qwt is None else np.ascontiguousarray(qwt, np.float64)
+    c_array = _c_array
+    lo, hi = c_array(lo, np.int64), c_array(hi, np.int64)
+    qs, sigs = c_array(qs, np.uint8), c_array(sigs, np.uint8)
+    docs, wts = c_array(docs, np.uint32), c_array(wts, np.float32)
+    table = c_array(table, np.float64)
+    q = None if qwt is None else c_array(qwt, np.float64)
     acc = np.zeros(n_docs, np.float64)
     bad = lib.asmk_accumulate(n_docs, lo.size, lo.ctypes.data, hi.ctypes.data, qs.ctypes.data,
                               sigs.ctypes.data, sigs.shape[1], docs.ctypes.data, wts.ctypes.data,
@@ -399,7 +417,9 @@ def score_postings(query_words: np.ndarray, query_sigs: np.ndarray, offsets: np.
         return scores
     if qw.min() < 0 or qw.max() >= n_words or np.unique(qw).size != qw.size:
         raise ValueError(f"query words must be unique and lie in [0, {n_words})")
-    wts = np.asarray(weights)
+    # weights are stored as float32 and doc ids as uint32: both paths get exactly these
+    wts = np.asarray(weights, np.float32)
+    docs = _doc_ids(docs)
     if per_doc is None:
         if wts.size == n_docs == docs.size:
             raise ValueError("weights: as many docs as postings, say per_doc=True/False")
@@ -412,11 +432,14 @@ def score_postings(query_words: np.ndarray, query_sigs: np.ndarray, offsets: np.
         qwt = np.asarray(query_weights, np.float64).ravel()
         if qwt.shape != qw.shape:
             raise ValueError(f"{qwt.size} query weights for {qw.size} query words")
-    if not int(np.asarray(offsets)[-1]) <= docs.size == sigs.shape[0]:
-        raise ValueError(f"offsets end at {int(np.asarray(offsets)[-1])} for {docs.size} "
-                         f"docs and {sigs.shape[0]} signatures")
+    if docs.size != sigs.shape[0]:
+        raise ValueError(f"{docs.size} doc ids for {sigs.shape[0]} signatures")
     lo = offsets[qw].astype(np.int64)
     hi = offsets[qw + 1].astype(np.int64)
+    # the compiled loop reads [lo, hi) unchecked: a damaged offsets array must not reach it
+    if lo.min() < 0 or (hi < lo).any() or hi.max() > docs.size:
+        raise ValueError(f"offsets of the query's words out of order or beyond the "
+                         f"{docs.size} postings (a damaged index?)")
     if int((hi - lo).sum()) == 0:
         return scores
     lib = asmk_library() if native else None
