@@ -90,19 +90,25 @@ def test_memory_mapped_index_is_read_in_place(tmp_path: Path) -> None:
     np.testing.assert_array_equal(fast, slow)
 
 
-@pytest.mark.parametrize("use_native", [True, False])
-def test_a_doc_id_beyond_the_database_is_refused(use_native: bool) -> None:
+def _skip_without(use_native: bool) -> None:
     if use_native and native.asmk_library() is None:
         pytest.skip("no C compiler")
+
+
+@pytest.mark.parametrize("use_native", [True, False])
+@pytest.mark.parametrize("per_doc", [False, True])
+def test_a_doc_id_beyond_the_database_is_refused(use_native: bool, per_doc: bool) -> None:
+    """With per-posting and with per-doc weights (where numpy would index the weights
+    with the bad id), both paths refuse it alike."""
+    _skip_without(use_native)
     rng = np.random.default_rng(1)
     offsets, docs, sigs = _index(rng, 16)
     docs = docs.copy()
     docs[offsets[5]] = 200  # one past the last doc: a damaged index
-    qw = np.array([5])
-    qs = np.zeros((1, 16), np.uint8)
+    w = np.ones(200 if per_doc else docs.size, np.float32)
     with pytest.raises(ValueError, match="doc id"):
-        score_postings(qw, qs, offsets, docs, sigs, np.ones(docs.size, np.float32), 200,
-                       per_doc=False, native=use_native)
+        score_postings(np.array([5]), np.zeros((1, 16), np.uint8), offsets, docs, sigs, w,
+                       200, per_doc=per_doc, native=use_native)
 
 
 @pytest.mark.parametrize("use_native", [True, False])
@@ -110,8 +116,7 @@ def test_a_doc_id_beyond_the_database_is_refused(use_native: bool) -> None:
 def test_damaged_offsets_are_refused(use_native: bool, damage: str) -> None:
     """The compiled loop reads the query words' runs unchecked, so damaged offsets must be
     refused before it (it would read outside the arrays), and numpy refuses alike."""
-    if use_native and native.asmk_library() is None:
-        pytest.skip("no C compiler")
+    _skip_without(use_native)
     rng = np.random.default_rng(2)
     offsets, docs, sigs = _index(rng, 16)
     offsets = offsets.copy()
@@ -124,19 +129,6 @@ def test_damaged_offsets_are_refused(use_native: bool, damage: str) -> None:
     with pytest.raises(ValueError, match="offsets"):
         score_postings(np.array([5]), np.zeros((1, 16), np.uint8), offsets, docs, sigs,
                        np.ones(docs.size, np.float32), 200, per_doc=False, native=use_native)
-
-
-@pytest.mark.parametrize("use_native", [True, False])
-def test_a_doc_id_beyond_the_database_is_refused_with_doc_weights(use_native: bool) -> None:
-    if use_native and native.asmk_library() is None:
-        pytest.skip("no C compiler")
-    rng = np.random.default_rng(4)
-    offsets, docs, sigs = _index(rng, 16)
-    docs = docs.copy()
-    docs[offsets[5]] = 200
-    with pytest.raises(ValueError, match="doc id"):
-        score_postings(np.array([5]), np.zeros((1, 16), np.uint8), offsets, docs, sigs,
-                       np.ones(200, np.float32), 200, per_doc=True, native=use_native)
 
 
 def test_weights_and_doc_ids_are_taken_as_stored() -> None:

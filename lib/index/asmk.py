@@ -364,12 +364,11 @@ def _accumulate_native(lib: Any, lo: np.ndarray, hi: np.ndarray, qs: np.ndarray,
                        sigs: np.ndarray, docs: np.ndarray, wts: np.ndarray, per_doc: bool,
                        table: np.ndarray, qwt: np.ndarray | None, n_docs: int) -> np.ndarray:
     """:func:`_accumulate_numpy` in one compiled pass (``asmk_native.c``), same sums."""
-    c_array = _c_array
-    lo, hi = c_array(lo, np.int64), c_array(hi, np.int64)
-    qs, sigs = c_array(qs, np.uint8), c_array(sigs, np.uint8)
-    docs, wts = c_array(docs, np.uint32), c_array(wts, np.float32)
-    table = c_array(table, np.float64)
-    q = None if qwt is None else c_array(qwt, np.float64)
+    lo, hi = _c_array(lo, np.int64), _c_array(hi, np.int64)
+    qs, sigs = _c_array(qs, np.uint8), _c_array(sigs, np.uint8)
+    docs, wts = _c_array(docs, np.uint32), _c_array(wts, np.float32)
+    table = _c_array(table, np.float64)
+    q = None if qwt is None else _c_array(qwt, np.float64)
     acc = np.zeros(n_docs, np.float64)
     bad = lib.asmk_accumulate(n_docs, lo.size, lo.ctypes.data, hi.ctypes.data, qs.ctypes.data,
                               sigs.ctypes.data, sigs.shape[1], docs.ctypes.data, wts.ctypes.data,

@@ -122,15 +122,19 @@ def _open(target: Path) -> ctypes.CDLL:
 
 def _load() -> ctypes.CDLL:
     target = library_path()
+    lib = None
     if target.exists():
         try:
-            return _open(target)
+            lib = _open(target)
         except (OSError, AttributeError) as e:  # damaged or foreign: build it anew
             log.warning("%s cannot be loaded (%s); building it again", target, e)
             target.unlink(missing_ok=True)
-    _build(target)
-    log.info("built the ASMK scoring loop: %s", target)
-    return _open(target)
+    if lib is None:
+        _build(target)
+        log.info("built the ASMK scoring loop: %s", target)
+        lib = _open(target)
+    log.info("ASMK scoring with the compiled loop (%s)", target)
+    return lib
 
 
 def disabled() -> bool:
@@ -150,7 +154,6 @@ def asmk_library() -> ctypes.CDLL | None:
         if "lib" not in _state:
             try:
                 _state["lib"] = _load()
-                log.info("ASMK scoring with the compiled loop (%s)", library_path())
             except (OSError, AttributeError, subprocess.SubprocessError) as e:
                 log.info("ASMK scoring with numpy (the compiled loop is unavailable: %s)", e)
                 _state["lib"] = None
