@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.bench_query_quantisers import word_agreement
 from benchmarks.bench_vs_asmk import _asmk
 from lib.features.feature_store import FeatureStore
 from lib.features.local_features import LocalFeatureReader
@@ -177,9 +178,7 @@ def main(argv: list[str] | None = None) -> None:
             "overlap": len(set(top_o.tolist()) & set(top_r.tolist())) / top_o.size,
             "same_rank": float(np.mean(top_o == top_r)), "ms_ours": 1e3 * t_ours,
             "ms_asmk": 1e3 * t_asmk, "ms_approx": 1e3 * t_approx,
-            "approx_pairs": float(np.mean([np.intersect1d(u, v).size for u, v in
-                                           zip(qwa, qw)]) / a.ma),
-            "approx_jaccard": np.intersect1d(uwa, uw).size / np.union1d(uwa, uw).size,
+            **dict(zip(("approx_pairs", "approx_jaccard"), word_agreement(qwa, qw))),
             "approx_overlap": len(set(top_a.tolist()) & set(top_r.tolist())) / top_a.size})
         r = rows[-1]
         print(f"query {qi:4d} ({x.shape[0]} features, {r['n_words']} words): words same "

@@ -27,27 +27,30 @@ word per feature the ``bow`` rows are BoW (a check row).
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from benchmarks.finished_run import aps, arguments, paired, run_settings
 from lib.evaluation.metrics import evaluate
 from lib.features.feature_store import FeatureStore
 from lib.features.local_features import LocalFeatureReader
-from lib.features.scales import assignment_path, at_scale, extra_scales, image_vector
+from lib.features.scales import (
+    assignment_path,
+    at_scale,
+    combine,
+    extra_scales,
+    image_vector,
+)
 from lib.groundtruth.loader import load_ground_truth
 from lib.index.asmk import aggregate, build_postings, score_postings
 from lib.index.assignment_store import AssignmentStore
-from lib.index.bow import centre_prior, l2_normalise, sparse_sum
+from lib.index.bow import centre_prior, l2_normalise
 from lib.index.encoding import weights_of_words
 from lib.provenance import asmk_bits, load_models
 from lib.search.rankings import Rankings, rank_scores
-from lib.settings import load_settings, parse_override
-from lib.vocabulary.sizing import resolve_from_codebook
 
 # (name, sigma, alpha, tau, query_ma, weighting)
 VARIANTS = [
@@ -68,16 +71,8 @@ def mass_vector(words: np.ndarray, cell_w: np.ndarray, n_words: int
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("settings", type=Path)
-    ap.add_argument("--run", type=Path, required=True, help="finished run folder (A-C)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--json", type=Path, default=None)
-    a = ap.parse_args()
-    over = dict(parse_override(x, a.settings) for x in a.set)
-    s = load_settings(a.settings, {**over, "path_output": str(a.run)})
-    s = resolve_from_codebook(s)
+    a = arguments(__doc__, "finished run folder (A-C)").parse_args()
+    s = run_settings(a)
     pca, cb = load_models(s)
     asg1 = AssignmentStore(a.run / "assignments.lmdb")
     if "n_candidates" in asg1.meta:
@@ -121,7 +116,6 @@ def main() -> None:
     rows = []
     for n_scales in (1, len(scales)):
         use = slice(0, n_scales)
-        sc_w = [sc * sc for sc in scales[:n_scales]]
         images = [aggregate(np.concatenate([f for f, _, _ in kept[i][use]]),
                             np.concatenate([w for _, w, _ in kept[i][use]]), cent, bits)
                   for i in tqdm(ids, desc=f"aggregating, {n_scales} scale(s)", unit="img")]
@@ -149,8 +143,7 @@ def main() -> None:
                     words = np.concatenate([w[p] for w, p in zip(per, pos)])
                     uw, qs = aggregate(feats, words, cent, bits)
                     masses = [mass_vector(w[p], c[2][p], k) for w, c, p in zip(per, cells, pos)]
-                    qv = l2_normalise(sparse_sum(masses, sc_w)) if n_scales > 1 else masses[0]
-                    qwt = weights_of_words(qv, uw)
+                    qwt = weights_of_words(combine(masses, scales[:n_scales]), uw)
                 sc = score_postings(uw, qs, offsets, docs, sigs,
                                     bow_w if weighting == "bow" else uniform, len(ids),
                                     alpha, tau, bits, per_doc=False, query_weights=qwt,
@@ -160,6 +153,17 @@ def main() -> None:
             rows.append({"scales": scales[:n_scales], "variant": name, "map": res["map"],
                          "per_query": res["per_query"]})
             print(f"| {n_scales} | {name} | {res['map']:.4f} |", flush=True)
+    # paired differences: each kernel's scales against its one scale, and every row
+    # against BoW with all the scales (the first variant is BoW)
+    by = {(len(r["scales"]), r["variant"]): aps(r, q_names) for r in rows}
+    bow_all = by[(len(scales), VARIANTS[0][0])]
+    print(f"\n| variant | {len(scales)} scales vs 1 | 1 scale vs BoW at {len(scales)} | "
+          f"{len(scales)} scales vs BoW at {len(scales)} |")
+    print("|---|---|---|---|")
+    for name, *_ in VARIANTS:
+        one, many = by[(1, name)], by[(len(scales), name)]
+        print(f"| {name} | {paired(many, one)} | {paired(one, bow_all)} | "
+              f"{paired(many, bow_all)} |")
     if a.json:
         a.json.write_text(json.dumps({"settings": str(a.settings), "set": a.set,
                                       "rows": rows}, indent=1))

@@ -31,6 +31,15 @@ from lib.vocabulary.codebook import Codebook
 from lib.vocabulary.pca import PCAWhitening
 
 
+def word_agreement(words: np.ndarray, exact: np.ndarray) -> tuple[float, float]:
+    """One query's (n, k) nearest words against the exact ones: the share of each
+    feature's k exact words found (averaged over features), and the Jaccard index of the
+    query's word sets."""
+    found = np.mean([np.intersect1d(u, v).size for u, v in zip(words, exact)]) / exact.shape[1]
+    jaccard = np.intersect1d(words, exact).size / np.union1d(words, exact).size
+    return float(found), float(jaccard)
+
+
 def central(hw: tuple[int, int]) -> np.ndarray:
     h, w = hw
     m = np.zeros((h, w), bool)
@@ -109,10 +118,7 @@ def main() -> None:
     print("| method | ms per query | exact words found | Jaccard of word sets |")
     print("|---|---|---|---|")
     for m in methods:
-        found = np.mean([np.mean([np.intersect1d(u, v).size for u, v in zip(o, e)]) / a.ma
-                         for o, e in zip(out[m], exact)])
-        jac = np.mean([np.intersect1d(o, e).size / np.union1d(o, e).size
-                       for o, e in zip(out[m], exact)])
+        found, jac = np.mean([word_agreement(o, e) for o, e in zip(out[m], exact)], axis=0)
         print(f"| {m} | {1e3 * np.median(times[m]):.1f} | {found:.4f} | {jac:.4f} |")
 
 

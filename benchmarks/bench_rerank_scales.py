@@ -20,13 +20,12 @@ mAP and the paired difference to the first stage with a bootstrap 95 % interval.
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from benchmarks.finished_run import aps, arguments, paired, run_settings
 from lib.evaluation.metrics import evaluate
 from lib.features.scales import assignment_path, extra_scales
 from lib.groundtruth.loader import load_ground_truth
@@ -34,30 +33,13 @@ from lib.index.assignment_store import AssignmentStore
 from lib.search.rankings import Rankings, rank_scores
 from lib.search.rerank import fuse, rerank
 from lib.search.searcher import ranking_scores
-from lib.settings import load_settings, parse_override
-from lib.vocabulary.sizing import resolve_from_codebook
 
 WEIGHTS = (0.05, 0.15, 0.25, 0.5)
 
 
-def paired(a: np.ndarray, b: np.ndarray, seed: int = 0) -> str:
-    d = a - b
-    rng = np.random.default_rng(seed)
-    bs = [d[rng.integers(0, d.size, d.size)].mean() for _ in range(2000)]
-    return (f"{100 * d.mean():+.2f} [{100 * np.percentile(bs, 2.5):+.2f}, "
-            f"{100 * np.percentile(bs, 97.5):+.2f}], {int((d > 0).sum())}/{int((d < 0).sum())}")
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("settings", type=Path)
-    ap.add_argument("--run", type=Path, required=True, help="finished run folder (A-E)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--json", type=Path, default=None)
-    a = ap.parse_args()
-    over = dict(parse_override(x, a.settings) for x in a.set)
-    s = resolve_from_codebook(load_settings(a.settings, {**over, "path_output": str(a.run)}))
+    a = arguments(__doc__, "finished run folder (A-E)").parse_args()
+    s = run_settings(a)
     gt = load_ground_truth(s)
     ids = list(gt.db_ids)
     listed = (a.run / "bow" / "queries.txt").read_text().splitlines()
@@ -99,10 +81,7 @@ def main() -> None:
             win = ws[0] if window_of == "scale 1" else (weights @ ws) / weights.sum()
             order_by = fuse(sc_row[top], win, weight)
             orders[name] = rank_scores(ranking_scores(sc_row, top, order_by))
-        res = evaluate(gt, Rankings(listed, {}, {}, indices=orders))
-        pq = res["per_query"]
-        return np.array([pq[n] if isinstance(pq, dict) else pq[i]
-                         for i, n in enumerate(listed)], float)
+        return aps(evaluate(gt, Rankings(listed, {}, {}, indices=orders)), listed)
 
     base = run("", None)
     print(f"{len(listed)} queries, scales {scales}, top {top_n}, {kw}; first stage "
