@@ -316,10 +316,24 @@ def test_build_postings_matches_inverted_file_layout(tmp_path: Path) -> None:
             np.testing.assert_array_equal(sigs[p], s[np.searchsorted(words, w)])
 
 
+def test_query_words_in_any_order_score_the_same() -> None:
+    """Sorted words take a cheap uniqueness check; unsorted ones the full one, and score
+    the same once their signatures follow them."""
+    (offsets, docs, sigs, weights), (qw, qs) = _hand_index()
+    assert qw.size > 1
+    ref = score_postings(qw, qs, offsets, docs, sigs, weights, 3)
+    rev = score_postings(qw[::-1], qs[::-1], offsets, docs, sigs, weights, 3)
+    np.testing.assert_allclose(rev, ref, rtol=1e-6)
+    assert ref.any()
+
+
 def test_bad_inputs() -> None:
     (offsets, docs, sigs, weights), (qw, qs) = _hand_index()
     with pytest.raises(ValueError, match="unique"):
         score_postings(np.array([0, 0]), qs, offsets, docs, sigs, weights, 3)
+    with pytest.raises(ValueError, match="unique"):  # unsorted with a repeat
+        score_postings(np.array([1, 0, 1]), np.repeat(qs[:1], 3, 0), offsets, docs, sigs,
+                       weights, 3)
     with pytest.raises(ValueError, match="bits"):
         score_postings(qw, qs, offsets, docs, sigs, weights, 3, n_bits=40)
     with pytest.raises(ValueError, match="per_doc"):  # 4 postings, 4 docs: ambiguous

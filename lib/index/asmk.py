@@ -411,10 +411,11 @@ def score_postings(query_words: np.ndarray, query_sigs: np.ndarray, offsets: np.
         raise ValueError(f"{n_bytes}-byte signatures do not hold {n_bits} packed bits")
     if qs.shape != (qw.size, n_bytes):
         raise ValueError(f"query signatures of shape {qs.shape}, expected {(qw.size, n_bytes)}")
-    scores = np.zeros(n_docs, np.float32)
     if qw.size == 0:
-        return scores
-    if qw.min() < 0 or qw.max() >= n_words or np.unique(qw).size != qw.size:
+        return np.zeros(n_docs, np.float32)
+    # aggregate() gives sorted words: strictly increasing proves them unique cheaply
+    unique = bool(np.all(qw[1:] > qw[:-1])) or np.unique(qw).size == qw.size
+    if qw.min() < 0 or qw.max() >= n_words or not unique:
         raise ValueError(f"query words must be unique and lie in [0, {n_words})")
     # weights are stored as float32 and doc ids as uint32: both paths get exactly these
     wts = np.asarray(weights, np.float32)
@@ -440,13 +441,13 @@ def score_postings(query_words: np.ndarray, query_sigs: np.ndarray, offsets: np.
         raise ValueError(f"offsets of the query's words out of order or beyond the "
                          f"{docs.size} postings (a damaged index?)")
     if int((hi - lo).sum()) == 0:
-        return scores
+        return np.zeros(n_docs, np.float32)
     lib = asmk_library() if native else None
     if lib is not None:
         acc = _accumulate_native(lib, lo, hi, qs, sigs, docs, wts, per_doc, table, qwt,
                                  n_docs)
     else:
         acc = _accumulate_numpy(lo, hi, qs, sigs, docs, wts, per_doc, table, qwt, n_docs)
-    if qwt is not None:
-        return acc.astype(np.float32)
-    return (acc / np.sqrt(qw.size)).astype(np.float32)
+    if qwt is None:
+        acc /= np.sqrt(qw.size)  # in place: no second database-sized array per query
+    return acc.astype(np.float32)
