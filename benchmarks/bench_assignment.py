@@ -16,6 +16,11 @@ codebook fitted on half of its images, queries from the other half).
 
     .venv/bin/python benchmarks/bench_assignment.py
     .venv/bin/python benchmarks/bench_assignment.py --store RUN/features/X.lmdb --kmeans-iters 3
+
+``--query-blocks 0x4444 0x33 0`` then times FAISS's fast-scan query blocking (``qbs``)
+settings in rotation with the tuned shortlist, for the whole batch (step C) and for
+one query image's worth of features with ASMK's 5 nearest words (step D), and checks
+that every setting finds the same words.
 """
 
 from __future__ import annotations
@@ -70,6 +75,36 @@ def real_data(store_path: Path, new_dim: list[int] | None, n_train: int, n_query
         l2n(pca.transform(test[n_query:]))
 
 
+def time_query_blocks(approx: Codebook, q: np.ndarray, settings: list[int], repeats: int,
+                      image_features: int) -> None:
+    """Fast-scan query blocking (``qbs``) in rotation: the whole batch through
+    ``assign`` and one image's features through ``nearest(., 5)``; the words must not
+    depend on the setting."""
+    base = approx._searcher().base  # the shortlist's IndexPQFastScan
+    default = base.qbs
+    img = q[:image_features]
+    times: dict[int, tuple[list[float], list[float]]] = {s: ([], []) for s in settings}
+    ref_batch, ref_img = approx.assign(q), approx.nearest(img, 5)
+    for _ in range(repeats):
+        for s in settings:
+            base.qbs = s
+            t = time.perf_counter()
+            w = approx.assign(q)
+            times[s][0].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            w5 = approx.nearest(img, 5)
+            times[s][1].append(time.perf_counter() - t)
+            if not (np.array_equal(w, ref_batch) and np.array_equal(w5, ref_img)):
+                raise SystemExit(f"qbs {s:#x} changed the words")
+    base.qbs = default
+    print(f"fast-scan query blocking ({approx.n_candidates} candidates, medians of "
+          f"{repeats}; the same words with every setting):")
+    print(f"{'qbs':>8s} {'batch features/s':>17s} {'image ms (5 words)':>19s}")
+    for s in settings:
+        print(f"{s:#8x} {len(q) / statistics.median(times[s][0]):17.0f} "
+              f"{1e3 * statistics.median(times[s][1]):19.1f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -91,6 +126,10 @@ def main() -> None:
     ap.add_argument("--train-upsampled", action="store_true",
                     help="with --new-dim: PCA and codebook trained on upsampled maps too "
                     "(settings train_on = upsampled)")
+    ap.add_argument("--query-blocks", nargs="*", default=[], metavar="QBS",
+                    help="fast-scan qbs values (hex) to time in rotation, e.g. 0x4444 0x33 0")
+    ap.add_argument("--image-features", type=int, default=1400,
+                    help="with --query-blocks: features of one query image")
     a = ap.parse_args()
     if a.store is not None:
         train, q, tune = real_data(a.store, a.new_dim, a.n_train, a.n, a.pca_dim, a.seed,
@@ -156,6 +195,9 @@ def main() -> None:
           f"speed-up x{ra / re:.2f}")
     print(f"HNSW:        {rh:10.0f} features/s (efSearch {hnsw_ef}, tuned the same way), "
           f"agreement {np.mean(wh == ref):.4f}, speed-up x{rh / re:.2f}")
+    if a.query_blocks:
+        time_query_blocks(approx, q, [int(x, 16) for x in a.query_blocks], a.repeats,
+                          a.image_features)
     print(f"{'candidates':>10s} {'features/s':>11s} {'x exact':>8s} {'agreement':>10s}")
     for n in CANDIDATE_LADDER[:9]:
         approx.n_candidates = n

@@ -53,11 +53,11 @@ _SPLIT_EPS = 1.0 / 1024.0  # relative perturbation when splitting a cluster (as 
 # benchmarks/README.md).
 PQ_DSUB = 8
 PQ_MIN_M = 32
-# FAISS fast-scan query blocking: four groups of 4 queries per kernel call let the
-# queries share each read of the look-up tables, which raised the throughput over FAISS's
-# default blocking in bench_assignment.py (benchmarks/README.md); the words found are the
-# same (blocking only changes how queries share the table reads).
-PQ_QUERY_BLOCKS = 0x4444
+# FAISS fast-scan query blocking (qbs: how queries are grouped to share each pass over
+# the codes). 0x33 was the fastest setting timed in rotation by bench_assignment.py
+# --query-blocks, for step C's batches and for one query image's features alike, on one
+# and two threads (benchmarks/README.md); the words found are the same with any setting.
+PQ_QUERY_BLOCKS = 0x33
 APPROX_MIN_K = 1024  # below this brute force costs as little: approximate = exact
 DEFAULT_CANDIDATES = 64  # Codebook.assign before tune() picks one for the data at hand
 KMEANS_CANDIDATES = 16  # k-means tolerates rough assignments (VLFeat's ANN k-means too)
