@@ -82,6 +82,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,7 @@ from lib.index.inverted_file import (
     InvertedFile,
     top_k,
 )
+from lib.index.native import build_variant
 from lib.index.step import write_signatures
 from lib.search.rankings import rank_scores
 
@@ -396,6 +398,13 @@ def score_queries(a: argparse.Namespace, gen: SyntheticMaps, ivf: InvertedFile
                               ivf.asmk_weights, ivf.n_docs, a.alpha, a.tau, a.bits,
                               per_doc=False, native=False)
 
+    def variant_scores(lib: Any, kind: str, i: int) -> np.ndarray:
+        """The scores through another build of the compiled loop (--loop-variants)."""
+        w, s = asmk[kind][i]
+        return score_postings(w, s, a_off, ivf.asmk_docs, ivf.asmk_signatures,
+                              ivf.asmk_weights, ivf.n_docs, a.alpha, a.tau, a.bits,
+                              per_doc=False, native=lib)
+
     queries: dict[str, Any] = {"model": model}
     for k in ("box", "full"):
         bt = [ivf.postings_touched(q) for q in bow[k]]
@@ -422,9 +431,17 @@ def score_queries(a: argparse.Namespace, gen: SyntheticMaps, ivf: InvertedFile
         "bow_full_ranked": lambda i: ivf.search(bow["full"][i]),
         "asmk_full_ranked": lambda i: rank_scores(asmk_scores("full", i)),
     }
-    t = time.perf_counter()
-    tm = time_spread(calls, nq, a.reps)
-    print(f"timed in {time.perf_counter() - t:.0f} s", flush=True)
+    build_dir = Path(tempfile.mkdtemp(prefix="blcf-bench-asmk-loops-"))
+    try:
+        for j, v in enumerate(a.loop_variants):
+            lib = build_variant(build_dir / f"variant{j}.so", v.split())
+            for k in ("box", "full"):
+                calls[f"asmk_{k}[{v}]"] = partial(variant_scores, lib, k)
+        t = time.perf_counter()
+        tm = time_spread(calls, nq, a.reps)
+        print(f"timed in {time.perf_counter() - t:.0f} s", flush=True)
+    finally:
+        shutil.rmtree(build_dir, ignore_errors=True)
     ratios = {}
     for k in ("box", "full"):
         ratios[f"asmk_over_bow_{k}"] = tm[f"asmk_{k}"]["median_ms"] / tm[f"bow_{k}"]["median_ms"]
@@ -435,7 +452,8 @@ def score_queries(a: argparse.Namespace, gen: SyntheticMaps, ivf: InvertedFile
         for kern in ("bow", "asmk"):
             queries[k][f"{kern}_cpu_ns_per_posting"] = (
                 1e6 * tm[f"{kern}_{k}"]["median_ms"] / queries[k][f"{kern}_postings_touched"])
-    return {"queries": queries, "timings_ms": tm, "ratios": ratios}
+    return {"queries": queries, "timings_ms": tm, "ratios": ratios,
+            "loop_variants": list(a.loop_variants)}
 
 
 def report_scoring(r: dict[str, Any]) -> None:
@@ -458,6 +476,11 @@ def report_scoring(r: dict[str, Any]) -> None:
     print("ASMK scored by numpy instead of the compiled loop: " + ", ".join(
         f"{k} {t[f'asmk_{k}_numpy']['median_ms']:.2f} ms "
         f"({r['ratios'][f'asmk_numpy_over_bow_{k}']:.1f}x BoW)" for k in ("box", "full")))
+    for v in r.get("loop_variants", []):
+        print(f"the loop built with -D {v}: " + ", ".join(
+            f"{k} {t[f'asmk_{k}[{v}]']['median_ms']:.2f} ms "
+            f"({t[f'asmk_{k}[{v}]']['median_ms'] / t[f'asmk_{k}']['median_ms']:.2f}x the "
+            "loop in use)" for k in ("box", "full")))
     print(f"rank_scores alone: {t['rank_bow_scores']['median_ms']:.2f} ms (BoW scores), "
           f"{t['rank_asmk_scores']['median_ms']:.2f} ms (ASMK scores); CPU ns per posting: "
           f"BoW {q['box']['bow_cpu_ns_per_posting']:.1f}, "
@@ -647,6 +670,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--noise", type=float, default=0.005,
                     help="random features: per-dimension noise around the centroid")
     ap.add_argument("--top", type=int, default=100, help="mode 2: the top-k regime's k")
+    ap.add_argument("--loop-variants", nargs="*", default=[], metavar="DEFINES",
+                    help="mode 1: also time the compiled loop built with these -D "
+                    "definitions, in the same rotation (e.g. PREFETCH_BYTES=0)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None,
                     help="results file (default benchmarks/results/asmk_scoring_<...>.json)")

@@ -386,7 +386,7 @@ def score_postings(query_words: np.ndarray, query_sigs: np.ndarray, offsets: np.
                    alpha: float = DEFAULT_ALPHA, tau: float = DEFAULT_TAU,
                    n_bits: int | None = None, *, per_doc: bool | None = None,
                    query_weights: np.ndarray | None = None,
-                   sigma: str = "asmk", native: bool = True) -> np.ndarray:
+                   sigma: str = "asmk", native: Any = True) -> np.ndarray:
     """ASMK scores (float32 (n_docs,)) of one aggregated query against the postings.
 
     ``query_words``/``query_sigs``: :func:`aggregate`'s output for the query (unique
@@ -400,8 +400,9 @@ def score_postings(query_words: np.ndarray, query_sigs: np.ndarray, offsets: np.
 
     The kernel is looked up in a table (:func:`kernel_table`) by each posting's Hamming
     distance and summed per doc, in float64, by the compiled loop of
-    :mod:`lib.index.native` when it is available (``native=False`` forbids it), else by
-    numpy (:func:`_accumulate_numpy`): the same sums either way."""
+    :mod:`lib.index.native` when it is available (``native=False`` forbids it; a library
+    from :func:`lib.index.native.build_variant` is used instead of the cached one), else
+    by numpy (:func:`_accumulate_numpy`): the same sums either way."""
     qw = np.asarray(query_words, np.int64).ravel()
     qs = np.asarray(query_sigs, np.uint8)
     n_words = np.asarray(offsets).size - 1
@@ -442,7 +443,7 @@ def score_postings(query_words: np.ndarray, query_sigs: np.ndarray, offsets: np.
                          f"{docs.size} postings (a damaged index?)")
     if int((hi - lo).sum()) == 0:
         return np.zeros(n_docs, np.float32)
-    lib = asmk_library() if native else None
+    lib = (asmk_library() if native else None) if isinstance(native, bool) else native
     if lib is not None:
         acc = _accumulate_native(lib, lo, hi, qs, sigs, docs, wts, per_doc, table, qwt,
                                  n_docs)

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def _umask() -> int:
     return 0o022
 
 
-def _build(target: Path) -> None:
+def _build(target: Path, defines: Sequence[str] = ()) -> None:
     cc = _compiler()
     if cc is None:
         raise OSError("no C compiler found (set CC)" if not os.environ.get("CC")
@@ -100,7 +101,8 @@ def _build(target: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.stem, suffix=".tmp")
     os.close(fd)
     try:
-        proc = subprocess.run([*cc, *_flags(), "-o", tmp, str(SOURCE)],
+        proc = subprocess.run([*cc, *_flags(), *(f"-D{d}" for d in defines), "-o", tmp,
+                               str(SOURCE)],
                               capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             raise OSError(f"{' '.join(cc)} failed: {proc.stderr.strip()[-500:]}")
@@ -135,6 +137,15 @@ def _load() -> ctypes.CDLL:
         lib = _open(target)
     log.info("ASMK scoring with the compiled loop (%s)", target)
     return lib
+
+
+def build_variant(target: Path, defines: Sequence[str]) -> ctypes.CDLL:
+    """The loop built with ``-D`` definitions (``PREFETCH_BYTES=0``) into ``target`` and
+    loaded: for benchmarks that time variants of the loop against the one in use
+    (pass it as ``score_postings(..., native=lib)``). Raises OSError without a
+    compiler."""
+    _build(Path(target), defines)
+    return _open(Path(target))
 
 
 def disabled() -> bool:
