@@ -7,8 +7,9 @@ the features of a finished run (feature store + PCA + codebook, read as step C r
 them), exact search (faiss ``IndexFlatL2``, what the asmk package does), the PQ shortlist
 that step D uses with ``assignment = approximate`` (``Codebook.nearest``, tuned on
 database features as step C tunes it, then at fixed lengths), HNSW and IVF over the
-codebook. Queries: the central two thirds (each side) of ``--queries`` images spread over
-the store. Reported per method: median CPU ms per query and the share of each feature's
+codebook, an IVF fast scan over the words, and the shortlist with half the
+sub-quantisers. Queries: the central two thirds (each side) of ``--queries`` images
+spread over the store. Reported per method: median CPU ms per query and the share of each feature's
 ``--ma`` exact words that it finds, and the Jaccard index of the query's word sets.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_query_quantisers.py RUN --new-dim 64 48
@@ -27,7 +28,7 @@ import numpy as np
 from lib.features.feature_store import FeatureStore
 from lib.features.local_features import LocalFeatureReader
 from lib.index.asmk import centroid_index, query_words
-from lib.vocabulary.codebook import Codebook
+from lib.vocabulary.codebook import PQ_QUERY_BLOCKS, Codebook, _pad, pq_layout
 from lib.vocabulary.pca import PCAWhitening
 
 
@@ -95,6 +96,35 @@ def main() -> None:
             ivf.nprobe = probes
             return ivf.search(x, a.ma)[1]
         methods[f"IVF, {nlist} lists, {probes} probes"] = ivf_search
+    # an IVF fast scan over the words (coarse lists of words, 4-bit PQ codes by residual,
+    # exact re-ranking of k_factor x k): scans a few lists instead of every word's code
+    cents = np.ascontiguousarray(cb.centroids, np.float32)
+    d_pad, m = pq_layout(cb.dim)
+    ivf_nlist = int(np.sqrt(cb.k))
+    ivffs = faiss.IndexIVFPQFastScan(faiss.IndexFlatL2(d_pad), d_pad, ivf_nlist, m, 4)
+    ivffs.cp.seed = 1234
+    ivffs.train(_pad(cents, d_pad))
+    ivffs_refine = faiss.IndexRefineFlat(ivffs)
+    ivffs_refine.add(_pad(cents, d_pad))
+    for probes, kf in ((16, 6), (32, 6), (32, 12)):
+        def ivffs_search(x: np.ndarray, probes: int = probes, kf: int = kf) -> np.ndarray:
+            ivffs.nprobe = probes
+            ivffs_refine.k_factor = kf
+            return ivffs_refine.search(_pad(x, d_pad), a.ma)[1]
+        methods[f"IVF fast scan, {ivf_nlist} lists, {probes} probes, {kf}k re-ranked"] = \
+            ivffs_search
+    # the shortlist's fast scan with half the sub-quantisers (cheaper scan, coarser codes)
+    half = faiss.IndexPQFastScan(d_pad, m // 2, 4)
+    half.qbs = PQ_QUERY_BLOCKS
+    half.pq.cp.seed = 1234
+    half.train(_pad(cents, d_pad))
+    half_refine = faiss.IndexRefineFlat(half)
+    half_refine.add(_pad(cents, d_pad))
+    for n in (tuned, 2 * tuned, 4 * tuned):
+        def half_search(x: np.ndarray, n: int = n) -> np.ndarray:
+            half_refine.k_factor = n
+            return half_refine.search(_pad(x, d_pad), a.ma)[1]
+        methods[f"PQ shortlist with {m // 2} sub-quantisers, {n} candidates"] = half_search
     hnsw = faiss.IndexHNSWFlat(cb.dim, 32)
     hnsw.hnsw.efConstruction = 80
     hnsw.add(cb.centroids)
