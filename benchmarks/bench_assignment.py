@@ -80,23 +80,28 @@ def time_query_blocks(approx: Codebook, q: np.ndarray, settings: list[int], repe
     """Fast-scan query blocking (``qbs``) in rotation: the whole batch through
     ``assign`` and one image's features through ``nearest(., 5)``; the words must not
     depend on the setting."""
-    base = approx._searcher().base  # the shortlist's IndexPQFastScan
+    base = getattr(approx._searcher(), "base", None)  # the shortlist's IndexPQFastScan
+    if base is None:
+        print(f"--query-blocks: {approx.k} words are searched exactly (no fast scan)")
+        return
     default = base.qbs
     img = q[:image_features]
     times: dict[int, tuple[list[float], list[float]]] = {s: ([], []) for s in settings}
     ref_batch, ref_img = approx.assign(q), approx.nearest(img, 5)
-    for _ in range(repeats):
-        for s in settings:
-            base.qbs = s
-            t = time.perf_counter()
-            w = approx.assign(q)
-            times[s][0].append(time.perf_counter() - t)
-            t = time.perf_counter()
-            w5 = approx.nearest(img, 5)
-            times[s][1].append(time.perf_counter() - t)
-            if not (np.array_equal(w, ref_batch) and np.array_equal(w5, ref_img)):
-                raise SystemExit(f"qbs {s:#x} changed the words")
-    base.qbs = default
+    try:
+        for _ in range(repeats):
+            for s in settings:
+                base.qbs = s
+                t = time.perf_counter()
+                w = approx.assign(q)
+                times[s][0].append(time.perf_counter() - t)
+                t = time.perf_counter()
+                w5 = approx.nearest(img, 5)
+                times[s][1].append(time.perf_counter() - t)
+                if not (np.array_equal(w, ref_batch) and np.array_equal(w5, ref_img)):
+                    raise SystemExit(f"qbs {s:#x} changed the words")
+    finally:
+        base.qbs = default
     print(f"fast-scan query blocking ({approx.n_candidates} candidates, medians of "
           f"{repeats}; the same words with every setting):")
     print(f"{'qbs':>8s} {'batch features/s':>17s} {'image ms (5 words)':>19s}")

@@ -99,9 +99,10 @@ def main() -> None:
     # an IVF fast scan over the words (coarse lists of words, 4-bit PQ codes by residual,
     # exact re-ranking of k_factor x k): scans a few lists instead of every word's code
     cents = np.ascontiguousarray(cb.centroids, np.float32)
-    d_pad, m = pq_layout(cb.dim)
+    d_pad, n_sub = pq_layout(cb.dim)
     ivf_nlist = int(np.sqrt(cb.k))
-    ivffs = faiss.IndexIVFPQFastScan(faiss.IndexFlatL2(d_pad), d_pad, ivf_nlist, m, 4)
+    ivffs = faiss.IndexIVFPQFastScan(faiss.IndexFlatL2(d_pad), d_pad, ivf_nlist, n_sub, 4)
+    ivffs.qbs = PQ_QUERY_BLOCKS  # blocked like the shortlist, for an even comparison
     ivffs.cp.seed = 1234
     ivffs.train(_pad(cents, d_pad))
     ivffs_refine = faiss.IndexRefineFlat(ivffs)
@@ -114,7 +115,7 @@ def main() -> None:
         methods[f"IVF fast scan, {ivf_nlist} lists, {probes} probes, {kf}k re-ranked"] = \
             ivffs_search
     # the shortlist's fast scan with half the sub-quantisers (cheaper scan, coarser codes)
-    half = faiss.IndexPQFastScan(d_pad, m // 2, 4)
+    half = faiss.IndexPQFastScan(d_pad, n_sub // 2, 4)
     half.qbs = PQ_QUERY_BLOCKS
     half.pq.cp.seed = 1234
     half.train(_pad(cents, d_pad))
@@ -124,7 +125,8 @@ def main() -> None:
         def half_search(x: np.ndarray, n: int = n) -> np.ndarray:
             half_refine.k_factor = n
             return half_refine.search(_pad(x, d_pad), a.ma)[1]
-        methods[f"PQ shortlist with {m // 2} sub-quantisers, {n} candidates"] = half_search
+        methods[f"PQ shortlist with {n_sub // 2} sub-quantisers, {n} candidates"] = \
+            half_search
     hnsw = faiss.IndexHNSWFlat(cb.dim, 32)
     hnsw.hnsw.efConstruction = 80
     hnsw.add(cb.centroids)

@@ -71,13 +71,24 @@ def test_float64_sums_are_identical() -> None:
                 np.testing.assert_array_equal(fast.view(np.int64), slow.view(np.int64))
 
 
+class _Counting:
+    """A library stand-in that counts the calls it passes on to the real one."""
+
+    def __init__(self, lib: object) -> None:
+        self.lib, self.calls = lib, 0
+
+    def asmk_accumulate(self, *args: object) -> int:
+        self.calls += 1
+        return self.lib.asmk_accumulate(*args)  # type: ignore[attr-defined]
+
+
 @needs_library
 @pytest.mark.parametrize("defines", [["PREFETCH_BYTES=0"], ["PREFETCH_BYTES=64"]])
 def test_a_variant_build_scores_the_same_bits(tmp_path: Path, defines: list[str]) -> None:
     """A build without the prefetch hint (or with another distance), passed as
-    ``native=``, gives the sums of the loop in use: the hint changes speed only. The
-    prefetch runs past the last posting of the arrays too (the hint never faults)."""
-    variant = native.build_variant(tmp_path / "variant.so", defines)
+    ``native=``, is the one that scores, and gives the sums of the loop in use: the hint
+    changes speed only. The hint also reaches past the arrays' last posting here."""
+    variant = _Counting(native.build_variant(tmp_path / "variant.so", defines))
     rng = np.random.default_rng(5)
     for n_bytes in (8, 16, 64):
         offsets, docs, sigs = _index(rng, n_bytes)
@@ -89,6 +100,29 @@ def test_a_variant_build_scores_the_same_bits(tmp_path: Path, defines: list[str]
                              native=variant)
         assert np.count_nonzero(ref) > 10
         np.testing.assert_array_equal(got, ref)
+    assert variant.calls == 3
+
+
+def test_build_variant_refuses_a_reused_path_and_a_bare_string(tmp_path: Path) -> None:
+    (tmp_path / "old.so").write_bytes(b"")
+    with pytest.raises(FileExistsError, match="new path"):
+        native.build_variant(tmp_path / "old.so", ["PREFETCH_BYTES=0"])
+    with pytest.raises(TypeError, match="list"):
+        native.build_variant(tmp_path / "new.so", "PREFETCH_BYTES=0")
+
+
+def test_native_must_be_a_bool_or_a_library() -> None:
+    rng = np.random.default_rng(2)
+    offsets, docs, sigs = _index(rng, 16)
+    qw = np.arange(5)
+    qs = rng.integers(0, 256, (5, 16), dtype=np.uint8)
+    w = rng.random(docs.size).astype(np.float32)
+    ref = score_postings(qw, qs, offsets, docs, sigs, w, 200, per_doc=False, native=False)
+    got = score_postings(qw, qs, offsets, docs, sigs, w, 200, per_doc=False,
+                         native=np.bool_(False))
+    np.testing.assert_array_equal(got, ref)
+    with pytest.raises(TypeError, match="native"):
+        score_postings(qw, qs, offsets, docs, sigs, w, 200, per_doc=False, native=None)
 
 
 @needs_library

@@ -48,6 +48,7 @@ then costs 4 + B/8 bytes (20 at 128 bits, 68 at 512).
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import weakref
 from collections.abc import Sequence
@@ -386,7 +387,7 @@ def score_postings(query_words: np.ndarray, query_sigs: np.ndarray, offsets: np.
                    alpha: float = DEFAULT_ALPHA, tau: float = DEFAULT_TAU,
                    n_bits: int | None = None, *, per_doc: bool | None = None,
                    query_weights: np.ndarray | None = None,
-                   sigma: str = "asmk", native: Any = True) -> np.ndarray:
+                   sigma: str = "asmk", native: bool | ctypes.CDLL = True) -> np.ndarray:
     """ASMK scores (float32 (n_docs,)) of one aggregated query against the postings.
 
     ``query_words``/``query_sigs``: :func:`aggregate`'s output for the query (unique
@@ -443,12 +444,18 @@ def score_postings(query_words: np.ndarray, query_sigs: np.ndarray, offsets: np.
                          f"{docs.size} postings (a damaged index?)")
     if int((hi - lo).sum()) == 0:
         return np.zeros(n_docs, np.float32)
-    lib = (asmk_library() if native else None) if isinstance(native, bool) else native
+    if isinstance(native, (bool, np.bool_)):
+        lib = asmk_library() if native else None
+    elif hasattr(native, "asmk_accumulate"):
+        lib = native
+    else:
+        raise TypeError(f"native={native!r}: expected a bool or a library from "
+                        "lib.index.native.build_variant")
     if lib is not None:
         acc = _accumulate_native(lib, lo, hi, qs, sigs, docs, wts, per_doc, table, qwt,
                                  n_docs)
     else:
         acc = _accumulate_numpy(lo, hi, qs, sigs, docs, wts, per_doc, table, qwt, n_docs)
     if qwt is None:
-        acc /= np.sqrt(qw.size)  # in place: no second database-sized array per query
+        acc /= np.sqrt(qw.size)  # in place: no float64 temporary per query
     return acc.astype(np.float32)

@@ -13,9 +13,11 @@
 #include <string.h>
 
 /* How far ahead of the posting being scored its signatures are prefetched, in bytes.
- * Each word's run is a separate stretch of the memory-mapped signatures; the hardware
- * prefetcher stops at every 4 KiB page, so without a hint each page starts with a miss
- * to memory (benchmarks/bench_asmk_scoring.py --loop-variants measures it). */
+ * Measured (benchmarks/bench_asmk_scoring.py --loop-variants): with the postings cold
+ * in memory the loop without the hint waits on misses, not on bandwidth. A likely cause:
+ * each word's run is a separate stretch of the memory-mapped signatures, a new stream
+ * for the hardware prefetcher, which also does not cross 4 KiB pages. The hint is
+ * issued for every posting (several per cache line), which costs less than testing. */
 #ifndef PREFETCH_BYTES  /* -DPREFETCH_BYTES=0 builds the loop without the hint */
 #define PREFETCH_BYTES 2048
 #endif

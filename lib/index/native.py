@@ -140,12 +140,19 @@ def _load() -> ctypes.CDLL:
 
 
 def build_variant(target: Path, defines: Sequence[str]) -> ctypes.CDLL:
-    """The loop built with ``-D`` definitions (``PREFETCH_BYTES=0``) into ``target`` and
-    loaded: for benchmarks that time variants of the loop against the one in use
-    (pass it as ``score_postings(..., native=lib)``). Raises OSError without a
+    """The loop built with ``-D`` definitions (``["PREFETCH_BYTES=0"]``) into ``target``
+    and loaded: for benchmarks that time variants of the loop against the one in use
+    (pass it as ``score_postings(..., native=lib)``). ``target`` must be a path this
+    process has not loaded before: the dynamic loader hands back a library already
+    loaded from the same path, whatever was rebuilt there. Raises OSError without a
     compiler."""
-    _build(Path(target), defines)
-    return _open(Path(target))
+    if isinstance(defines, str):
+        raise TypeError("defines: a list of NAME=VALUE strings, not one string")
+    target = Path(target)
+    if target.exists():
+        raise FileExistsError(f"{target}: build each variant into a new path")
+    _build(target, defines)
+    return _open(target)
 
 
 def disabled() -> bool:

@@ -55,8 +55,10 @@ PQ_DSUB = 8
 PQ_MIN_M = 32
 # FAISS fast-scan query blocking (qbs: how queries are grouped to share each pass over
 # the codes). 0x33 was the fastest setting timed in rotation by bench_assignment.py
-# --query-blocks, for step C's batches and for one query image's features alike, on one
-# and two threads (benchmarks/README.md); the words found are the same with any setting.
+# --query-blocks (a 25,000-word 512-D codebook of real features), for step C's batches
+# and for one query image's features alike, on one and two threads; the 65,536-word
+# SMVS codebook's query searches got faster with it too (benchmarks/README.md). The
+# words found are the same with any setting.
 PQ_QUERY_BLOCKS = 0x33
 APPROX_MIN_K = 1024  # below this brute force costs as little: approximate = exact
 DEFAULT_CANDIDATES = 64  # Codebook.assign before tune() picks one for the data at hand
