@@ -391,19 +391,14 @@ def score_queries(a: argparse.Namespace, gen: SyntheticMaps, ivf: InvertedFile
         w, s = asmk[kind][i]
         return ivf.asmk_scores(w, s, a.alpha, a.tau, a.bits)
 
-    def asmk_numpy(kind: str, i: int) -> np.ndarray:
-        """The same scores without the compiled loop (lib.index.native)."""
+    def scored_by(native: Any, kind: str, i: int) -> np.ndarray:
+        """The same scores by another scorer: numpy (``native=False``, instead of the
+        compiled loop of lib.index.native) or another build of the loop
+        (--loop-variants)."""
         w, s = asmk[kind][i]
         return score_postings(w, s, a_off, ivf.asmk_docs, ivf.asmk_signatures,
                               ivf.asmk_weights, ivf.n_docs, a.alpha, a.tau, a.bits,
-                              per_doc=False, native=False)
-
-    def variant_scores(lib: Any, kind: str, i: int) -> np.ndarray:
-        """The scores through another build of the compiled loop (--loop-variants)."""
-        w, s = asmk[kind][i]
-        return score_postings(w, s, a_off, ivf.asmk_docs, ivf.asmk_signatures,
-                              ivf.asmk_weights, ivf.n_docs, a.alpha, a.tau, a.bits,
-                              per_doc=False, native=lib)
+                              per_doc=False, native=native)
 
     queries: dict[str, Any] = {"model": model}
     for k in ("box", "full"):
@@ -422,8 +417,8 @@ def score_queries(a: argparse.Namespace, gen: SyntheticMaps, ivf: InvertedFile
         "asmk_box": lambda i: asmk_scores("box", i),
         "bow_full": lambda i: ivf.scores(bow["full"][i]),
         "asmk_full": lambda i: asmk_scores("full", i),
-        "asmk_box_numpy": lambda i: asmk_numpy("box", i),
-        "asmk_full_numpy": lambda i: asmk_numpy("full", i),
+        "asmk_box_numpy": partial(scored_by, False, "box"),
+        "asmk_full_numpy": partial(scored_by, False, "full"),
         "rank_bow_scores": lambda i: rank_scores(s_bow[i]),
         "rank_asmk_scores": lambda i: rank_scores(s_asmk[i]),
         "bow_box_ranked": lambda i: ivf.search(bow["box"][i]),
@@ -436,7 +431,7 @@ def score_queries(a: argparse.Namespace, gen: SyntheticMaps, ivf: InvertedFile
         for j, v in enumerate(a.loop_variants):
             lib = build_variant(build_dir / f"variant{j}.so", v.split())
             for k in ("box", "full"):
-                calls[f"asmk_{k}[{v}]"] = partial(variant_scores, lib, k)
+                calls[f"asmk_{k}[{v}]"] = partial(scored_by, lib, k)
         t = time.perf_counter()
         tm = time_spread(calls, nq, a.reps)
         print(f"timed in {time.perf_counter() - t:.0f} s", flush=True)

@@ -9,8 +9,9 @@ that step D uses with ``assignment = approximate`` (``Codebook.nearest``, tuned 
 database features as step C tunes it, then at fixed lengths), HNSW and IVF over the
 codebook, an IVF fast scan over the words, and the shortlist with half the
 sub-quantisers. Queries: the central two thirds (each side) of ``--queries`` images
-spread over the store. Reported per method: median CPU ms per query and the share of each feature's
-``--ma`` exact words that it finds, and the Jaccard index of the query's word sets.
+spread over the store. Reported per method: median CPU ms per query, the share of each
+feature's ``--ma`` exact words that it finds, and the Jaccard index of the query's word
+sets.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_query_quantisers.py RUN --new-dim 64 48
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import faiss
@@ -96,37 +98,43 @@ def main() -> None:
             ivf.nprobe = probes
             return ivf.search(x, a.ma)[1]
         methods[f"IVF, {nlist} lists, {probes} probes"] = ivf_search
+    d_pad, n_sub = pq_layout(cb.dim)
+    padded = _pad(np.ascontiguousarray(cb.centroids, np.float32), d_pad)
+
+    def refined(base: faiss.Index) -> faiss.IndexRefineFlat:
+        """``base`` (a fast scan, seeded) trained on the words and blocked like step D's
+        shortlist, behind an exact re-ranking of its candidates (the caller keeps
+        ``base`` alive: the re-ranking index does not own it)."""
+        base.qbs = PQ_QUERY_BLOCKS
+        base.train(padded)
+        r = faiss.IndexRefineFlat(base)
+        r.add(padded)
+        return r
+
+    def refined_search(r: faiss.IndexRefineFlat, kf: int, set_base: Callable[[], None]
+                       ) -> Callable[[np.ndarray], np.ndarray]:
+        def search(x: np.ndarray) -> np.ndarray:
+            set_base()
+            r.k_factor = kf
+            return r.search(_pad(x, d_pad), a.ma)[1]
+        return search
+
     # an IVF fast scan over the words (coarse lists of words, 4-bit PQ codes by residual,
     # exact re-ranking of k_factor x k): scans a few lists instead of every word's code
-    cents = np.ascontiguousarray(cb.centroids, np.float32)
-    d_pad, n_sub = pq_layout(cb.dim)
     ivf_nlist = int(np.sqrt(cb.k))
     ivffs = faiss.IndexIVFPQFastScan(faiss.IndexFlatL2(d_pad), d_pad, ivf_nlist, n_sub, 4)
-    ivffs.qbs = PQ_QUERY_BLOCKS  # blocked like the shortlist, for an even comparison
     ivffs.cp.seed = 1234
-    ivffs.train(_pad(cents, d_pad))
-    ivffs_refine = faiss.IndexRefineFlat(ivffs)
-    ivffs_refine.add(_pad(cents, d_pad))
+    ivffs_refine = refined(ivffs)
     for probes, kf in ((16, 6), (32, 6), (32, 12)):
-        def ivffs_search(x: np.ndarray, probes: int = probes, kf: int = kf) -> np.ndarray:
-            ivffs.nprobe = probes
-            ivffs_refine.k_factor = kf
-            return ivffs_refine.search(_pad(x, d_pad), a.ma)[1]
         methods[f"IVF fast scan, {ivf_nlist} lists, {probes} probes, {kf}k re-ranked"] = \
-            ivffs_search
+            refined_search(ivffs_refine, kf, partial(setattr, ivffs, "nprobe", probes))
     # the shortlist's fast scan with half the sub-quantisers (cheaper scan, coarser codes)
     half = faiss.IndexPQFastScan(d_pad, n_sub // 2, 4)
-    half.qbs = PQ_QUERY_BLOCKS
     half.pq.cp.seed = 1234
-    half.train(_pad(cents, d_pad))
-    half_refine = faiss.IndexRefineFlat(half)
-    half_refine.add(_pad(cents, d_pad))
+    half_refine = refined(half)
     for n in (tuned, 2 * tuned, 4 * tuned):
-        def half_search(x: np.ndarray, n: int = n) -> np.ndarray:
-            half_refine.k_factor = n
-            return half_refine.search(_pad(x, d_pad), a.ma)[1]
         methods[f"PQ shortlist with {n_sub // 2} sub-quantisers, {n} candidates"] = \
-            half_search
+            refined_search(half_refine, n, lambda: None)
     hnsw = faiss.IndexHNSWFlat(cb.dim, 32)
     hnsw.hnsw.efConstruction = 80
     hnsw.add(cb.centroids)
